@@ -12,6 +12,7 @@ VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 AUDIO_EXTS = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEXT_EXTS = (".vtt", ".srt", ".txt")
+CAPTION_EXTS = (".vtt", ".srt")
 
 
 def kind_of(uri: str) -> str | None:

@@ -1,0 +1,37 @@
+# xmodal-index developer commands. Everything installs into ./.venv from this repo's files.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SAMPLE ?= sample-archive
+WORK   ?= sample-work
+
+.PHONY: setup demo test test-all bench clean-sample
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first, so nothing pulls a CUDA build from PyPI
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Build the bundled sample archive, index it, and show example queries.
+demo: setup
+	$(VENV)/bin/xmodal-index make-sample --out $(SAMPLE) --force
+	$(VENV)/bin/xmodal-index run --source $(SAMPLE) --workdir $(WORK) --config examples/sample.toml
+	$(PY) examples/show_queries.py --index $(WORK)/indexes/main --archive $(SAMPLE)
+
+# The test suite CI runs (slow and gpu tests excluded).
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(PY) bench/pipeline_vs_loop.py
+
+clean-sample:
+	rm -rf $(SAMPLE) $(WORK)

@@ -1,0 +1,65 @@
+"""`xmodal-index`: the command-line entry point (click)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from xmodal_index import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("apache_beam", "root", "botocore", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="xmodal-index")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr: -v info, -vv debug (default: warnings only).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Index media archives into one cross-modal space and query the published indexes."""
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    from xmodal_index.jobs.query_cmd import query
+    from xmodal_index.jobs.run_cmd import run
+
+    cli.add_command(run)
+    cli.add_command(query)
+    optional = [
+        ("xmodal_index.jobs.sample_cmd", "make_sample"),
+        ("xmodal_index.jobs.train_cmd", "train"),
+        ("xmodal_index.jobs.eval_cmd", "eval_cmd"),
+        ("xmodal_index.jobs.versions_cmd", "versions"),
+        ("xmodal_index.jobs.versions_cmd", "promote"),
+        ("xmodal_index.jobs.versions_cmd", "gc"),
+        ("xmodal_index.jobs.deadletter_cmd", "deadletter"),
+        ("xmodal_index.jobs.serve_cmd", "serve"),
+    ]
+    import importlib
+
+    for module, name in optional:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        cli.add_command(getattr(mod, name))
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="xmodal-index")

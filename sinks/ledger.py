@@ -1,0 +1,64 @@
+"""The ledger: what has been processed (SPEC 4.2), one snapshot per completed run.
+
+``ledger/ledger-RUN_ID.parquet`` holds one row per known object (uri, etag, size,
+mtime, state, segments, model_id, run_id: the run whose rows are live for it);
+``ledger/CURRENT`` names the newest committed snapshot and is written last, so a
+run that crashes before committing leaves the previous state in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import ObjectNotFoundError
+from xmodal_index.sinks.schema import LEDGER_SCHEMA
+
+STATES = ("indexed", "failed", "deleted")
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerEntry:
+    uri: str
+    etag: str
+    size: int
+    mtime: float
+    state: str
+    segments: int
+    model_id: str
+    run_id: str
+
+
+def _root(workdir: str) -> str:
+    return storage.join(workdir, "ledger")
+
+
+def read_ledger(workdir: str) -> dict[str, LedgerEntry]:
+    """The committed ledger state, by uri (empty for a new workdir)."""
+    try:
+        name = storage.read_bytes(storage.join(_root(workdir), "CURRENT")).decode().strip()
+    except ObjectNotFoundError:
+        return {}
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(_root(workdir), name))))
+    return {row["uri"]: LedgerEntry(**row) for row in table.to_pylist()}
+
+
+def write_ledger(workdir: str, run_id: str, entries: Iterable[LedgerEntry]) -> str:
+    """Write a full snapshot, then point CURRENT at it. Returns the snapshot URI."""
+    rows = sorted((dataclasses.asdict(e) for e in entries), key=lambda r: r["uri"])
+    for r in rows:
+        if r["state"] not in STATES:
+            raise ValueError(f"ledger state {r['state']!r} of {r['uri']!r} is not one of {', '.join(STATES)}")
+    table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    name = f"ledger-{run_id}.parquet"
+    uri = storage.join(_root(workdir), name)
+    storage.write_bytes(uri, buf.getvalue())
+    storage.write_bytes(storage.join(_root(workdir), "CURRENT"), (name + "\n").encode())
+    return uri

@@ -1,0 +1,347 @@
+"""Query-node loader: open a published index version and search it.
+
+Needs only faiss, numpy, pyarrow (and boto3 through storage for s3://): no Beam, no
+torch. ``IndexVersion.open`` fetches every file the manifest lists into a local
+cache (local index roots are read in place unless a cache_dir is given), verifies
+each sha256 before serving, memory-maps the index files, and searches the shards
+of the selected modalities in parallel threads (faiss releases the GIL).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError, ObjectNotFoundError
+from xmodal_index.sinks.schema import MODALITIES
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "XMODAL_INDEX_CACHE"
+_MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One search result: a segment of one source object."""
+
+    segment_id: int
+    uri: str
+    modality: str
+    start_s: float
+    end_s: float
+    score: float  # inner product (cosine) for search, 1 - hamming / bits for search_codes
+    text: str | None
+
+
+# ---------------------------------------------------------------- search parameters
+
+
+def _inner_index(index: Any, binary: bool) -> Any:
+    """The index under IDMap / PreTransform wrappers, downcast to its concrete type."""
+    if binary:
+        while isinstance(index, (faiss.IndexBinaryIDMap, faiss.IndexBinaryIDMap2)):
+            index = faiss.downcast_IndexBinary(index.index)
+        return index
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def tunable_param(index: Any, binary: bool) -> tuple[str, int] | None:
+    """("nprobe", nlist) for IVF indexes, ("efSearch", 0) for HNSW, None for exact ones."""
+    inner = _inner_index(index, binary)
+    if binary:
+        if isinstance(inner, faiss.IndexBinaryIVF):
+            return "nprobe", int(inner.nlist)
+        if isinstance(inner, faiss.IndexBinaryHNSW):
+            return "efSearch", 0
+        return None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return "nprobe", int(ivf.nlist)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", 0
+    return None
+
+
+def apply_search_params(index: Any, params: Mapping[str, int], binary: bool) -> None:
+    """Set nprobe / efSearch on the index (keys the index does not use are ignored)."""
+    param = tunable_param(index, binary)
+    if param is None or param[0] not in params:
+        return
+    name, value = param[0], int(params[param[0]])
+    if value <= 0:
+        return
+    if name == "nprobe":
+        ivf = _inner_index(index, True) if binary else faiss.try_extract_index_ivf(index)
+        ivf.nprobe = min(value, int(ivf.nlist))
+    else:
+        _inner_index(index, binary).hnsw.efSearch = value
+
+
+# ---------------------------------------------------------------- fetching and verification
+
+
+def _default_cache_dir() -> str:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "xmodal-index")
+    return root
+
+
+def _cache_key(index_root: str) -> str:
+    name = index_root.rstrip("/").rsplit("/", 1)[-1] or "index"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"{safe}-{hashlib.sha256(index_root.encode()).hexdigest()[:12]}"
+
+
+def _fetch(uri: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".fetch-")
+    try:
+        with os.fdopen(fd, "wb") as out, storage.open_read(uri) as src:
+            shutil.copyfileobj(src, out, length=1 << 22)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _mismatch(entry: mf.FileEntry, path: str) -> str | None:
+    """Why the local file does not match its manifest entry, or None when it does."""
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != entry.bytes:
+        return f"has {size} bytes, the manifest says {entry.bytes}"
+    digest = mf.sha256_file(path)
+    if digest != entry.sha256:
+        return f"has sha256 {digest}, the manifest says {entry.sha256}"
+    return None
+
+
+def _materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -> str:
+    """A local directory holding every listed file, each verified against the manifest."""
+    version = manifest.version
+    in_place = cache_dir is None and not storage.is_s3(index_root)
+    if in_place:
+        root = index_root[len("file://"):] if index_root.startswith("file://") else index_root
+        local_dir = os.path.join(root, version)
+    else:
+        local_dir = os.path.join(cache_dir or _default_cache_dir(), _cache_key(index_root), version)
+    for entry in manifest.all_files():
+        path = os.path.join(local_dir, entry.file)
+        uri = storage.join(index_root, version, entry.file)
+        if not in_place and _mismatch(entry, path) is not None:
+            try:
+                _fetch(uri, path)
+            except ObjectNotFoundError as err:
+                raise ChecksumMismatchError(f"version {version}: {entry.file!r} listed in the manifest is missing "
+                                            f"({uri})") from err
+        problem = _mismatch(entry, path)
+        if problem is not None:
+            raise ChecksumMismatchError(f"version {version}: {entry.file!r} {problem} ({uri}); refusing to serve it")
+    return local_dir
+
+
+# ---------------------------------------------------------------- the loaded version
+
+
+@dataclasses.dataclass
+class _IdMap:
+    ids: np.ndarray  # sorted int64
+    table: pa.Table
+
+    def rows(self, ids: np.ndarray, name: str) -> list[dict[str, Any]]:
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        if len(ids) and (len(self.ids) == 0 or np.any(self.ids[pos] != ids)):
+            raise IndexVersionError(f"id map {name!r} lacks segment ids the index returned")
+        return self.table.take(pa.array(pos)).to_pylist()
+
+
+@dataclasses.dataclass
+class _Shard:
+    entry: mf.ShardEntry
+    index: Any
+
+
+class IndexVersion:
+    """One verified, loaded index version. Use ``IndexVersion.open``."""
+
+    def __init__(self, index_root: str, manifest: mf.Manifest, local_dir: str,
+                 shards: list[_Shard], id_maps: dict[str, _IdMap]) -> None:
+        self.index_root = index_root
+        self.manifest = manifest
+        self.local_dir = local_dir
+        self._shards = shards
+        self._id_maps = id_maps
+        workers = max(1, min(len(shards), os.cpu_count() or 1))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-search")
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.manifest.modalities
+
+    @staticmethod
+    def latest_version(index_root: str) -> str | None:
+        return mf.read_latest(index_root)
+
+    @classmethod
+    def open(cls, index_root: str, version: str | None = None, cache_dir: str | None = None) -> "IndexVersion":
+        """Load ``version`` (default: the one LATEST names) after verifying every file.
+
+        Raises IndexVersionError when nothing is published or the manifest is absent,
+        ChecksumMismatchError when any listed file is missing or altered.
+        """
+        if version is None:
+            version = mf.read_latest(index_root)
+            if version is None:
+                raise IndexVersionError(f"no published index version under {index_root!r} (no LATEST)")
+        manifest = mf.read_manifest(index_root, version)
+        local_dir = _materialise(index_root, manifest, cache_dir)
+        id_maps = {}
+        for entry in manifest.id_maps:
+            table = pq.read_table(os.path.join(local_dir, entry.file), memory_map=True)
+            ids = table.column("segment_id").to_numpy()
+            if len(ids) > 1 and np.any(ids[1:] <= ids[:-1]):
+                order = np.argsort(ids, kind="stable")
+                table, ids = table.take(pa.array(order)), ids[order]
+            id_maps[entry.file] = _IdMap(ids, table)
+        shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry)) for entry in manifest.shards]
+        logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
+                    manifest.ntotal, len(shards), ",".join(manifest.modalities))
+        return cls(index_root, manifest, local_dir, shards, id_maps)
+
+    @staticmethod
+    def _read_shard(local_dir: str, manifest: mf.Manifest, entry: mf.ShardEntry) -> Any:
+        path = os.path.join(local_dir, entry.file)
+        binary = entry.kind == "binary"
+        read = faiss.read_index_binary if binary else faiss.read_index
+        try:
+            try:
+                index = read(path, _MMAP_FLAGS)
+            except RuntimeError:
+                index = read(path)
+        except RuntimeError as err:
+            raise IndexVersionError(f"version {manifest.version}: cannot read shard {entry.file!r}: {err}") from err
+        want_d = manifest.bits if binary else manifest.dim
+        if index.d != want_d or index.ntotal != entry.ntotal:
+            raise IndexVersionError(f"version {manifest.version}: shard {entry.file!r} holds {index.ntotal} vectors "
+                                    f"of dimension {index.d}, the manifest says {entry.ntotal} of {want_d}")
+        apply_search_params(index, entry.search_params or manifest.search_params, binary)
+        return index
+
+    def file_path(self, name: str) -> str:
+        """Local path of a verified extra file of this version (e.g. "model.safetensors")."""
+        if name not in {f.file for f in self.manifest.files}:
+            listed = [f.file for f in self.manifest.files]
+            raise IndexVersionError(f"version {self.version} has no extra file {name!r}; it has {listed}")
+        return os.path.join(self.local_dir, name)
+
+    # ------------------------------------------------------------ search
+
+    def _select(self, kind: str, modalities: Sequence[str] | None) -> list[_Shard]:
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        if modalities is not None:
+            unknown = [m for m in modalities if m not in MODALITIES]
+            if unknown:
+                raise ValueError(f"unknown modalities {unknown}: choose from {MODALITIES}")
+        return [s for s in self._shards
+                if s.entry.kind == kind and (modalities is None or s.entry.modality in modalities)]
+
+    def _run(self, shards: list[_Shard], queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if len(shards) == 1:
+            return [shards[0].index.search(queries, k)]
+        return list(self._pool.map(lambda s: s.index.search(queries, k), shards))
+
+    def search(self, queries: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Top-k rows per query by inner product (best first; ties by segment_id)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise ValueError(f"queries have shape {queries.shape}, expected (Q, {self.manifest.dim})")
+        return self._search("float", queries, k, modalities)
+
+    def search_codes(self, codes: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Top-k rows per packed hash code by Hamming distance; score = 1 - d / bits."""
+        codes = np.ascontiguousarray(codes)
+        nbytes = self.manifest.bits // 8
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != nbytes:
+            raise ValueError(f"codes are {codes.dtype} {codes.shape}, expected uint8 (Q, {nbytes})")
+        return self._search("binary", codes, k, modalities)
+
+    def _search(self, kind: str, queries: np.ndarray, k: int, modalities: Sequence[str] | None) -> list[list[Hit]]:
+        # Each shard returns its own top k; the merge orders by score, then segment_id.
+        # Where one shard holds more than k rows tied at the cut-off, which of them it
+        # returns is up to the index (deterministic for a given version).
+        if k <= 0:
+            raise ValueError(f"{k = } must be > 0")
+        shards = self._select(kind, modalities)
+        nq = len(queries)
+        if not shards or nq == 0:
+            return [[] for _ in range(nq)]
+        results = self._run(shards, queries, k)
+        dist = np.concatenate([d.astype(np.float64) for d, _ in results], axis=1)
+        ids = np.concatenate([i for _, i in results], axis=1)
+        owner = np.concatenate([np.full(i.shape, n, np.int32) for n, (_, i) in enumerate(results)], axis=1)
+        # Best first: largest inner product, or smallest Hamming distance; then smallest id.
+        key = -dist if kind == "float" else dist
+        picked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        wanted: dict[str, list[np.ndarray]] = {}
+        for q in range(nq):
+            valid = np.nonzero(ids[q] >= 0)[0]
+            order = valid[np.lexsort((ids[q, valid], key[q, valid]))][:k]
+            picked.append((ids[q, order], dist[q, order], owner[q, order]))
+            for n in np.unique(owner[q, order]):
+                sel = owner[q, order] == n
+                wanted.setdefault(shards[n].entry.id_map, []).append(ids[q, order][sel])
+        rows = self._lookup(wanted)
+        bits = self.manifest.bits
+        out: list[list[Hit]] = []
+        for hit_ids, hit_dist, _ in picked:
+            hits = []
+            for sid, d in zip(hit_ids.tolist(), hit_dist.tolist()):
+                row = rows[sid]
+                score = d if kind == "float" else 1.0 - d / bits
+                hits.append(Hit(segment_id=sid, uri=row["uri"], modality=row["modality"], start_s=row["start_s"],
+                                end_s=row["end_s"], score=float(score), text=row["text"]))
+            out.append(hits)
+        return out
+
+    def _lookup(self, wanted: dict[str, list[np.ndarray]]) -> dict[int, dict[str, Any]]:
+        rows: dict[int, dict[str, Any]] = {}
+        for name, parts in wanted.items():
+            ids = np.unique(np.concatenate(parts))
+            for sid, row in zip(ids.tolist(), self._id_maps[name].rows(ids, name)):
+                rows[sid] = row
+        return rows
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._shards = []
+
+    def __enter__(self) -> "IndexVersion":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,313 @@
+"""Index version manifests (SPEC 4.4), version names, checksums and the LATEST pointer.
+
+Layout under an index root (e.g. ``WORKDIR/indexes/NAME``)::
+
+    v000001/manifest.json    written after every other file of the version
+    v000001/<shard and id-map files, extra files such as model.safetensors>
+    LATEST                   names the current version; written last of all
+
+A version directory without ``manifest.json`` is an interrupted build: it is never
+listed as a version, and its number is never reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "LATEST"
+FORMAT_VERSION = 1
+SHARD_KINDS = ("float", "binary")
+# Columns of a shard's id map Parquet file, sorted by segment_id.
+ID_MAP_COLUMNS = ("segment_id", "uri", "modality", "start_s", "end_s", "text", "etag")
+
+_VERSION_RE = re.compile(r"v(\d{6,})")
+
+
+# ---------------------------------------------------------------- versions
+
+
+def version_name(number: int) -> str:
+    """``1 -> "v000001"``."""
+    if number < 1:
+        raise ValueError(f"{number = } must be >= 1")
+    return f"v{number:06d}"
+
+
+def version_number(name: str) -> int:
+    """``"v000001" -> 1``; raises IndexVersionError for anything else."""
+    match = _VERSION_RE.fullmatch(name)
+    if match is None:
+        raise IndexVersionError(f"{name!r} is not a version name (expected v000001, v000002, ...)")
+    return int(match.group(1))
+
+
+def _version_dirs(index_root: str) -> dict[str, set[str]]:
+    """Version directory name -> names of the files directly inside it."""
+    root = index_root.rstrip("/")
+    root_local = root[len("file://"):] if root.startswith("file://") else root
+    found: dict[str, set[str]] = {}
+    try:
+        objects = list(storage.list_objects(index_root))
+    except ObjectNotFoundError:
+        return found
+    for obj in objects:
+        rel = _relative(obj.uri, root, root_local)
+        if rel is None:
+            continue
+        parts = rel.split("/")
+        if len(parts) == 2 and _VERSION_RE.fullmatch(parts[0]):
+            found.setdefault(parts[0], set()).add(parts[1])
+    return found
+
+
+def _relative(uri: str, root: str, root_local: str) -> str | None:
+    for base in (root, root_local):
+        if uri.startswith(base + "/"):
+            return uri[len(base) + 1:]
+    if "://" not in uri and "://" not in root_local:
+        rel = os.path.relpath(uri, os.path.abspath(root_local))
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return None
+
+
+def list_versions(index_root: str) -> list[str]:
+    """Complete versions (those with a manifest) under ``index_root``, oldest first."""
+    dirs = _version_dirs(index_root)
+    complete = [name for name, files in dirs.items() if MANIFEST_NAME in files]
+    return sorted(complete, key=version_number)
+
+
+def next_version(index_root: str) -> str:
+    """The name after the highest version directory present, complete or not."""
+    numbers = [version_number(name) for name in _version_dirs(index_root)]
+    latest = read_latest(index_root)
+    if latest is not None:
+        numbers.append(version_number(latest))
+    return version_name(max(numbers, default=0) + 1)
+
+
+def read_latest(index_root: str) -> str | None:
+    """The version LATEST names, or None when nothing was published yet."""
+    uri = storage.join(index_root, LATEST_NAME)
+    try:
+        text = storage.read_bytes(uri).decode("utf-8").strip()
+    except ObjectNotFoundError:
+        return None
+    except UnicodeDecodeError as err:
+        raise IndexVersionError(f"{uri!r} is not a text file naming a version") from err
+    version_number(text)  # validates
+    return text
+
+
+def write_latest(index_root: str, version: str) -> None:
+    """Point LATEST at ``version`` (an atomic replace on every backend)."""
+    version_number(version)
+    storage.write_bytes(storage.join(index_root, LATEST_NAME), f"{version}\n".encode())
+    logger.info("LATEST of %s -> %s", index_root, version)
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """One file of a version: its name inside the version directory, sha256, size."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of_local(cls, path: str, name: str) -> "FileEntry":
+        return cls(file=name, sha256=sha256_file(path), bytes=os.path.getsize(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEntry:
+    """One FAISS shard: a float or binary index over the rows of one id map."""
+
+    file: str
+    sha256: str
+    bytes: int
+    ntotal: int
+    modality: str
+    kind: str  # "float" | "binary"
+    id_map: str  # file name of the shard's id map
+    factory: str = ""  # index_factory string actually used for this shard
+    search_params: Mapping[str, int] = dataclasses.field(default_factory=dict)  # nprobe / efSearch
+    recall_at_10: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SHARD_KINDS:
+            raise IndexVersionError(f"shard {self.file!r}: {self.kind = } must be one of {SHARD_KINDS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["search_params"] = dict(self.search_params)
+        return out
+
+
+_REQUIRED = ("version", "created_at", "model_id", "dim", "bits", "metric", "index_factory", "shards", "id_maps", "ntotal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a version holds and how it was built; ``manifest.json`` of the version."""
+
+    version: str
+    created_at: str  # ISO 8601, UTC
+    parent_version: str | None
+    model_id: str
+    dim: int
+    bits: int
+    metric: str
+    index_factory: Mapping[str, str]  # {"float": ..., "binary": ...} of the largest modality
+    shards: tuple[ShardEntry, ...]
+    id_maps: tuple[FileEntry, ...]
+    files: tuple[FileEntry, ...]  # extra files (encoder checkpoint, configs)
+    ntotal: int
+    metrics: Mapping[str, Any]
+    search_params: Mapping[str, int]  # {"nprobe": ..., "efSearch": ...}, the largest of any shard
+    build_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    format: int = FORMAT_VERSION
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # unknown keys, kept on rewrite
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(sorted({s.modality for s in self.shards}))
+
+    def all_files(self) -> list[FileEntry]:
+        """Every file a loader must fetch and verify: shards, id maps, extra files."""
+        shards = [FileEntry(s.file, s.sha256, s.bytes) for s in self.shards]
+        return shards + list(self.id_maps) + list(self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            format=self.format,
+            version=self.version,
+            created_at=self.created_at,
+            parent_version=self.parent_version,
+            model_id=self.model_id,
+            dim=self.dim,
+            bits=self.bits,
+            metric=self.metric,
+            index_factory=dict(self.index_factory),
+            shards=[s.to_dict() for s in self.shards],
+            id_maps=[f.to_dict() for f in self.id_maps],
+            files=[f.to_dict() for f in self.files],
+            ntotal=self.ntotal,
+            metrics=dict(self.metrics),
+            search_params=dict(self.search_params),
+            build_config=dict(self.build_config),
+        )
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
+        missing = [key for key in _REQUIRED if key not in data]
+        if missing:
+            raise IndexVersionError(f"{source} lacks {missing}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            shards = tuple(
+                ShardEntry(**{k: v for k, v in s.items() if k in {f.name for f in dataclasses.fields(ShardEntry)}})
+                for s in data["shards"]
+            )
+            id_maps = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data["id_maps"])
+            files = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("files", []))
+            return cls(
+                version=str(data["version"]),
+                created_at=str(data["created_at"]),
+                parent_version=data.get("parent_version"),
+                model_id=str(data["model_id"]),
+                dim=int(data["dim"]),
+                bits=int(data["bits"]),
+                metric=str(data["metric"]),
+                index_factory=dict(data["index_factory"]),
+                shards=shards,
+                id_maps=id_maps,
+                files=files,
+                ntotal=int(data["ntotal"]),
+                metrics=dict(data.get("metrics", {})),
+                search_params=dict(data.get("search_params", {})),
+                build_config=dict(data.get("build_config", {})),
+                format=int(data.get("format", FORMAT_VERSION)),
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise IndexVersionError(f"{source} is malformed: {err}") from err
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IndexVersionError(f"{source} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise IndexVersionError(f"{source} is not a JSON object")
+        return cls.from_dict(data, source)
+
+
+def utc_now_iso() -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return now.isoformat().replace("+00:00", "Z")
+
+
+def manifest_uri(index_root: str, version: str) -> str:
+    return storage.join(index_root, version, MANIFEST_NAME)
+
+
+def read_manifest(index_root: str, version: str) -> Manifest:
+    """The manifest of one version; IndexVersionError when the version is absent or incomplete."""
+    version_number(version)
+    uri = manifest_uri(index_root, version)
+    try:
+        data = storage.read_bytes(uri)
+    except ObjectNotFoundError as err:
+        raise IndexVersionError(f"version {version} has no manifest at {uri!r} (missing or interrupted build)") from err
+    manifest = Manifest.from_json(data, source=uri)
+    if manifest.version != version:
+        raise IndexVersionError(f"{uri!r} describes version {manifest.version!r}, not {version!r}")
+    return manifest
+
+
+def write_manifest(index_root: str, manifest: Manifest) -> str:
+    uri = manifest_uri(index_root, manifest.version)
+    storage.write_bytes(uri, manifest.to_json().encode("utf-8"))
+    return uri
