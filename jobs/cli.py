@@ -12,10 +12,17 @@ from xmodal_index import __version__
 logger = logging.getLogger(__name__)
 
 
+class _DropImportNoise(logging.Filter):
+    """Beam warns at import time about optional GCP client libraries this tool never uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     if verbose < 2:
         for noisy in ("apache_beam", "root", "botocore", "urllib3", "s3transfer"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -58,6 +65,7 @@ def _register() -> None:
         cli.add_command(getattr(mod, name))
 
 
+logging.getLogger().addFilter(_DropImportNoise())
 _register()
 
 

@@ -35,7 +35,14 @@ from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError
 from xmodal_index.sinks.index_build import build_version
-from xmodal_index.sinks.ledger import LedgerEntry, read_ledger, write_ledger
+from xmodal_index.sinks.ledger import (
+    LedgerEntry,
+    ledger_snapshot_name,
+    mark_published,
+    published_snapshot_name,
+    read_ledger,
+    write_ledger,
+)
 from xmodal_index.sinks.manifest import read_latest
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
 
@@ -279,6 +286,7 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
     summary.model_id = encoder.model_id
     items = list_items(req.source, cfg.source)
     ledger = read_ledger(req.workdir)
+    unpublished = ledger_snapshot_name(req.workdir) != published_snapshot_name(req.workdir)
     todo, unchanged, deleted = plan_work(items, ledger, encoder.model_id, req.full, req.retry_failed)
     summary.inputs_total = len(items)
     summary.unchanged = len(unchanged)
@@ -312,13 +320,14 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
                 new_entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "indexed", n,
                                                     encoder.model_id, run_id)
     summary.rows_written = _count_rows(req.workdir, run_id) if todo else 0
-    write_ledger(req.workdir, run_id, new_entries.values())
+    snapshot = write_ledger(req.workdir, run_id, new_entries.values())
 
     processed = len(todo)
     too_many = processed > 0 and summary.failed / processed > cfg.run.max_error_fraction
     index_root = storage.join(req.workdir, "indexes", req.index_name)
     latest = read_latest(index_root)
-    changed = summary.indexed > 0 or summary.deleted > 0 or latest is None
+    dropped = sum(1 for e in deleted if ledger[e.uri].state == "indexed")
+    changed = summary.indexed > 0 or dropped > 0 or latest is None or unpublished
     if too_many:
         summary.exit_code = EXIT_TOO_MANY_FAILURES
         summary.index_version = latest
@@ -338,6 +347,7 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
                 bits=encoder.bits, config=cfg.index, extra_files=_encoder_files(encoder, cfg, tmp),
                 metrics_extra={"run_id": run_id}, publish=True,
             )
+        mark_published(req.workdir, snapshot)
         summary.index_version = manifest.version
         summary.index_published = True
         summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors)"

@@ -136,13 +136,22 @@ def _iter_file(
         raise EmbeddingsReadError(f"cannot read embeddings from {uri!r}: {err}") from err
 
 
-def batch_reader(files: str | Sequence[str], **filters) -> Callable[[], Iterator[pa.RecordBatch]]:
-    """A re-callable batch source (what build_version takes): each call reads anew.
-
-    ``filters`` are the keyword arguments of iter_batches.
-    """
+def batch_reader(
+    files: str | Sequence[str],
+    *,
+    columns: Sequence[str] | None = None,
+    segment_ids: Collection[int] | None = None,
+    uri_etags: Iterable[tuple[str, str]] | None = None,
+    model_id: str | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """A re-callable batch source (what build_version takes): each call reads the
+    same part files anew, with the filters of iter_batches."""
     paths = list_parquet_files(files)
-    return functools.partial(iter_batches, paths, **filters)
+    return functools.partial(
+        iter_batches, paths, columns=columns, segment_ids=None if segment_ids is None else frozenset(segment_ids),
+        uri_etags=None if uri_etags is None else frozenset(uri_etags), model_id=model_id, batch_rows=batch_rows,
+    )
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -4,6 +4,7 @@
 mtime, state, segments, model_id, run_id: the run whose rows are live for it);
 ``ledger/CURRENT`` names the newest committed snapshot and is written last, so a
 run that crashes before committing leaves the previous state in force.
+``ledger/PUBLISHED`` names the snapshot the published index version reflects.
 """
 
 from __future__ import annotations
@@ -38,11 +39,34 @@ def _root(workdir: str) -> str:
     return storage.join(workdir, "ledger")
 
 
+def _read_name(uri: str) -> str | None:
+    try:
+        return storage.read_bytes(uri).decode().strip() or None
+    except ObjectNotFoundError:
+        return None
+
+
+def ledger_snapshot_name(workdir: str) -> str | None:
+    """File name of the committed ledger snapshot (None for a new workdir)."""
+    return _read_name(storage.join(_root(workdir), "CURRENT"))
+
+
+def published_snapshot_name(workdir: str) -> str | None:
+    """File name of the ledger snapshot the published index version was built from."""
+    return _read_name(storage.join(_root(workdir), "PUBLISHED"))
+
+
+def mark_published(workdir: str, snapshot_uri: str) -> None:
+    """Record that the index now reflects ``snapshot_uri`` (so a later run knows
+    whether an earlier, unpublished run left changes that still need a version)."""
+    name = snapshot_uri.rstrip("/").rsplit("/", 1)[-1]
+    storage.write_bytes(storage.join(_root(workdir), "PUBLISHED"), (name + "\n").encode())
+
+
 def read_ledger(workdir: str) -> dict[str, LedgerEntry]:
     """The committed ledger state, by uri (empty for a new workdir)."""
-    try:
-        name = storage.read_bytes(storage.join(_root(workdir), "CURRENT")).decode().strip()
-    except ObjectNotFoundError:
+    name = ledger_snapshot_name(workdir)
+    if name is None:
         return {}
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(_root(workdir), name))))
     return {row["uri"]: LedgerEntry(**row) for row in table.to_pylist()}

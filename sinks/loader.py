@@ -98,8 +98,7 @@ def apply_search_params(index: Any, params: Mapping[str, int], binary: bool) -> 
 
 
 def _default_cache_dir() -> str:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "xmodal-index")
-    return root
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "xmodal-index")
 
 
 def _cache_key(index_root: str) -> str:
@@ -146,13 +145,14 @@ def _materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) 
     for entry in manifest.all_files():
         path = os.path.join(local_dir, entry.file)
         uri = storage.join(index_root, version, entry.file)
-        if not in_place and _mismatch(entry, path) is not None:
+        problem = _mismatch(entry, path)
+        if problem is not None and not in_place:  # not cached yet, or a damaged cached copy
             try:
                 _fetch(uri, path)
             except ObjectNotFoundError as err:
                 raise ChecksumMismatchError(f"version {version}: {entry.file!r} listed in the manifest is missing "
                                             f"({uri})") from err
-        problem = _mismatch(entry, path)
+            problem = _mismatch(entry, path)
         if problem is not None:
             raise ChecksumMismatchError(f"version {version}: {entry.file!r} {problem} ({uri}); refusing to serve it")
     return local_dir

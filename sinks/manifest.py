@@ -244,11 +244,9 @@ class Manifest:
         if missing:
             raise IndexVersionError(f"{source} lacks {missing}")
         known = {f.name for f in dataclasses.fields(cls)}
+        shard_fields = {f.name for f in dataclasses.fields(ShardEntry)}
         try:
-            shards = tuple(
-                ShardEntry(**{k: v for k, v in s.items() if k in {f.name for f in dataclasses.fields(ShardEntry)}})
-                for s in data["shards"]
-            )
+            shards = tuple(ShardEntry(**{k: v for k, v in s.items() if k in shard_fields}) for s in data["shards"])
             id_maps = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data["id_maps"])
             files = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("files", []))
             return cls(
