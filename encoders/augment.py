@@ -203,6 +203,20 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
 
 
+FILLER_WORDS = (
+    "a", "an", "the", "this", "is", "of", "in", "on", "at", "with", "and", "by", "for", "here", "there", "it",
+    "someone", "voice", "saying", "says", "said", "spoken", "word", "number", "digit", "figure", "written",
+    "handwritten", "hand", "drawn", "image", "picture", "photo", "frame", "video", "clip", "audio", "sound",
+    "white", "black", "background", "grey", "counting", "count", "shows", "showing", "label", "caption",
+    "man", "woman", "person", "reads", "slowly", "loud", "quiet", "small", "large", "big", "old", "new", "scene",
+)
+
+
 def augment_text(digit: int, rng: np.random.Generator) -> str:
-    """A random training spelling of ``digit``."""
-    return spell(TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))], digit)
+    """A random training text naming ``digit``: a template, or the digit among filler words."""
+    if rng.random() < 0.5:
+        return spell(TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))], digit)
+    token = spell(("{w}", "{W}", "{d}", "{w}", "{w},", "{w}.")[int(rng.integers(6))], digit)
+    before = [FILLER_WORDS[i] for i in rng.integers(0, len(FILLER_WORDS), int(rng.integers(0, 6)))]
+    after = [FILLER_WORDS[i] for i in rng.integers(0, len(FILLER_WORDS), int(rng.integers(0, 5)))]
+    return " ".join(before + [token] + after)

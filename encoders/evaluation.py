@@ -10,9 +10,13 @@ favour any label. Queries with no relevant database item are left out of the mea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from xmodal_index.encoders.training import TrainingSet
+    from xmodal_index.encoders.tri_modal import AudioClips, DigitImages
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -131,3 +135,68 @@ def evaluate_encoder(
             row[str(b)] = map_hamming(codes[(q, b)], codes[(d, b)], ql, dl)
         out[f"{q}->{d}"] = row
     return out
+
+
+def benchmark_protocol(image_test_fraction: float, split_seed: int) -> str:
+    """The protocol stated beside every number of the tri-modal digits benchmark."""
+    from xmodal_index.encoders.tri_modal import EVAL_TEMPLATES
+
+    return (
+        "mAP over the full ranking of the database (relevant = same digit), per query->database direction; "
+        "float = cosine similarity of L2-normalised embeddings, N bits = Hamming distance of N-bit codes; "
+        "ties broken by database position after a fixed seeded shuffle of the database; "
+        "database encoded out-of-sample. Audio: leave-one-speaker-out over the FSDD speakers (train on the "
+        "other speakers, queries and database from the held-out speaker only), mean over folds. "
+        f"Images: stratified seeded split (seed {split_seed}, {image_test_fraction:.0%} test) of the 1797 UCI "
+        "digits; the file has no writer ids, so writer-disjointness cannot be guaranteed. "
+        f"Text: the ten digit words written as {', '.join(repr(t) for t in EVAL_TEMPLATES)} "
+        "('{w}' word, '{W}' capitalised, '{d}' numeral); text is not held out (there are only ten words; "
+        "training texts use these spellings, other templates and filler sentences)."
+    )
+
+
+def fold_sets(
+    audio: "AudioClips", images: "DigitImages", holdout: str, image_test_fraction: float = 0.5, split_seed: int = 0
+) -> tuple["TrainingSet", dict[str, ModalitySet]]:
+    """Training data (other speakers, train images) and test sets (held-out speaker, test images, words)."""
+    from xmodal_index.encoders.training import TrainingSet
+    from xmodal_index.encoders.tri_modal import digit_texts
+
+    if holdout not in set(audio.speakers.tolist()):
+        raise ValueError(f"held-out speaker {holdout!r} is not one of {speaker_folds(audio.speakers)}")
+    train_idx, test_idx = image_split(images.labels, image_test_fraction, split_seed)
+    train = TrainingSet(audio=audio.subset(audio.speakers != holdout), images=images.subset(train_idx))
+    test_audio = audio.subset(audio.speakers == holdout)
+    texts = digit_texts()
+    sets = {
+        "audio": shuffled(ModalitySet(test_audio.waves, test_audio.labels), split_seed + 1),
+        "image": shuffled(ModalitySet(list(images.images[test_idx]), images.labels[test_idx]), split_seed + 2),
+        "text": shuffled(ModalitySet(texts.texts, texts.labels), split_seed + 3),
+    }
+    return train, sets
+
+
+def mean_over_folds(per_fold: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Average each (direction, column) cell over folds."""
+    out: dict[str, dict[str, float]] = {}
+    for direction in per_fold[0]:
+        out[direction] = {
+            col: float(np.mean([f[direction][col] for f in per_fold])) for col in per_fold[0][direction]
+        }
+    return out
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]], columns: Sequence[str], protocol: str) -> str:
+    """Text table in the seed papers' layout: one block per direction, rows = methods, columns = float/bits."""
+    methods = list(results)
+    directions = list(next(iter(results.values())))
+    width = max(len(m) for m in methods) + 2
+    head = "".join(f"{(c if c == 'float' else c + ' bits'):>10}" for c in columns)
+    lines = []
+    for d in directions:
+        lines.append(f"{d:<{width}}{head}")
+        for m in methods:
+            lines.append(f"  {m:<{width - 2}}" + "".join(f"{results[m][d][c]:>10.3f}" for c in columns))
+        lines.append("")
+    lines.append("Protocol: " + protocol)
+    return "\n".join(lines)

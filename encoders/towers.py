@@ -167,5 +167,9 @@ class CrossModalNet(nn.Module):
         return self.tower(modality)(inputs)
 
     def hash_logits(self, normalized: torch.Tensor, bits: int) -> torch.Tensor:
-        """L2-normalised embeddings -> real-valued hash logits (N, bits); code bit = logit > 0."""
-        return self.heads[str(bits)](normalized)
+        """L2-normalised embeddings -> real-valued hash logits (N, bits); code bit = logit > 0.
+
+        The input is scaled by sqrt(dim) so that its coordinates have unit variance and
+        freshly initialised heads give logits of order one (tanh is then not flat).
+        """
+        return self.heads[str(bits)](normalized * self.config.dim**0.5)

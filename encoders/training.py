@@ -10,6 +10,7 @@ objective "cca" fits the linear baseline in closed form instead of running the l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -54,13 +55,13 @@ class TrainConfig:
     objective: str = "contrastive"
     dim: int = 256
     bits: tuple[int, ...] = HASH_BITS
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
     temperature: float = 0.1
     margin: float = 0.2
-    hash_weight: float = 0.5
+    hash_weight: float = 1.0
     width: int = 32
     seed: int = 0
     augment: bool = True
@@ -162,6 +163,7 @@ class _Trainer:
         self.data = data
         self.config = config
         self.device = resolve_device(config.device)
+        torch.set_flush_denormal(True)  # denormal activations make CPU training many times slower
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.aug = AugmentConfig()
@@ -169,8 +171,10 @@ class _Trainer:
         self.net = build_model(model_config, config.seed).to(self.device).train()
         self.frontend = AudioFrontend(model_config.audio).to(self.device)
         self.image_by_label = _label_index(data.images.labels) if data.images is not None else {}
-        self.anchor = data.audio.labels if data.audio is not None else (data.images.labels if data.images is not None else np.arange(10))
+        self.anchor = data.audio.labels if data.audio is not None else (data.images.labels if data.images is not None else np.zeros(0, np.int64))
         steps = max(1, math.ceil(len(self.anchor) / config.batch_size)) + math.ceil(len(data.cooccur) / config.batch_size)
+        fp16 = self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)  # loss scaling only for fp16 autocast
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt, max_lr=config.lr, total_steps=max(1, steps * config.epochs), pct_start=0.15
@@ -185,16 +189,29 @@ class _Trainer:
             idx = order[i : i + b]
             if len(idx) < 2:
                 continue
-            loss = self._labelled_step(idx)
-            total, count = total + loss, count + 1
+            with self._autocast():
+                loss = self._labelled_loss(idx)
+            if loss.requires_grad:
+                total, count = total + self._update(loss), count + 1
         co = self.rng.permutation(len(self.data.cooccur))
         for i in range(0, len(co), b):
             idx = co[i : i + b]
-            if len(idx) >= 2:
-                total, count = total + self._cooccur_step(idx), count + 1
+            if len(idx) < 2:
+                continue
+            with self._autocast():
+                loss = self._cooccur_loss(idx)
+            if loss is not None:
+                total, count = total + self._update(loss), count + 1
         return total / max(count, 1)
 
-    def _labelled_step(self, idx: np.ndarray) -> float:
+    def _autocast(self) -> Any:
+        """bf16/fp16 mixed precision on CUDA; plain fp32 on CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def _labelled_loss(self, idx: np.ndarray) -> torch.Tensor:
         d, cfg = self.data, self.config
         labels = self.anchor[idx]
         emb: dict[str, torch.Tensor] = {}
@@ -206,9 +223,9 @@ class _Trainer:
         if d.texts:
             emb["text"] = self._texts([spell(TRAIN_TEMPLATES[0], int(y)) if not cfg.augment else augment_text(int(y), self.rng) for y in labels])
         lab = torch.as_tensor(labels, device=self.device)
-        return self._step(emb, lab)
+        return self._loss(emb, lab)
 
-    def _cooccur_step(self, idx: np.ndarray) -> float:
+    def _cooccur_loss(self, idx: np.ndarray) -> torch.Tensor | None:
         tuples = [self.data.cooccur[j] for j in idx]
         emb: dict[str, torch.Tensor] = {}
         for m in ("audio", "image", "text"):
@@ -221,16 +238,16 @@ class _Trainer:
                 else:
                     emb[m] = self._texts(payloads)
         if len(emb) < 2:
-            return 0.0
-        return self._step(emb, None)
+            return None
+        return self._loss(emb, None)
 
-    def _step(self, emb: dict[str, torch.Tensor], labels: torch.Tensor | None) -> float:
+    def _loss(self, emb: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         names = sorted(emb)
         loss = torch.zeros((), device=self.device)
         for i, a in enumerate(names):
             for bname in names[i + 1 :]:
-                za, zb = emb[a], emb[bname]
+                za, zb = emb[a].float(), emb[bname].float()
                 if cfg.objective == "contrastive":
                     loss = loss + contrastive_loss(za, zb, labels, labels, cfg.temperature)
                 elif cfg.objective == "triplet":
@@ -243,10 +260,15 @@ class _Trainer:
                         ha = torch.tanh(self.net.hash_logits(na, bits))
                         hb = torch.tanh(self.net.hash_logits(nb, bits))
                         loss = loss + cfg.hash_weight / len(self.net.config.bits) * hashing_loss(ha, hb, labels, labels).total
+        return loss
+
+    def _update(self, loss: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         return float(loss.detach())
 

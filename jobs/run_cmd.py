@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
 
 from xmodal_index.jobs.config import ConfigError, load_config
 from xmodal_index.jobs.run_job import EXIT_ERROR, RunRequest, RunSummary, execute
+
+logger = logging.getLogger(__name__)
+
+
+def one_line(err: BaseException) -> str:
+    """The root cause of an error as one line (Beam wraps worker errors in long tracebacks)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    if not text:
+        return type(err).__name__
+    return text if ":" in text.split(" ", 1)[0] else f"{type(err).__name__}: {text}"
 
 
 def print_summary(s: RunSummary) -> None:
@@ -66,7 +78,8 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, se
     try:
         summary = execute(req, echo=lambda m: click.echo(m, err=True))
     except Exception as err:  # noqa: BLE001 - one-line reason, non-zero exit
-        click.echo(f"xmodal-index run: error: {type(err).__name__}: {err}", err=True)
+        logger.debug("run failed", exc_info=True)
+        click.echo(f"xmodal-index run: error: {one_line(err)} (-vv shows the traceback)", err=True)
         sys.exit(EXIT_ERROR)
     print_summary(summary)
     sys.exit(summary.exit_code)

@@ -34,6 +34,7 @@ from xmodal_index.pipeline.listing import list_items
 from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError
+from xmodal_index.sinks.embeddings_io import batch_reader
 from xmodal_index.sinks.index_build import build_version
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
@@ -233,25 +234,12 @@ def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
     storage.write_bytes(storage.join(deadletter_prefix(workdir, run_id), "part-lost.parquet"), buf.getvalue())
 
 
-def live_batches(workdir: str, ledger: dict[str, LedgerEntry], batch_rows: int = 8192) -> Callable[[], Iterator[pa.RecordBatch]]:
-    """Rows of every indexed ledger entry, read from the run that wrote them, streamed."""
-    live = {(e.uri, e.etag) for e in ledger.values() if e.state == "indexed"}
-    runs = sorted({e.run_id for e in ledger.values() if e.state == "indexed"})
+def live_batches(workdir: str, ledger: dict[str, LedgerEntry], model_id: str) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """Rows of every indexed ledger entry, read (streamed) from the run that wrote them."""
+    live = [e for e in ledger.values() if e.state == "indexed"]
+    runs = sorted({e.run_id for e in live})
     files = [f for r in runs for f in _list_parts(embeddings_prefix(workdir, r), ".parquet")]
-
-    def gen() -> Iterator[pa.RecordBatch]:
-        for uri in files:
-            with storage.open_read(uri) as fh:
-                pf = pq.ParquetFile(fh)
-                for batch in pf.iter_batches(batch_size=batch_rows):
-                    uris = batch.column("uri").to_pylist()
-                    etags = batch.column("etag").to_pylist()
-                    mask = pa.array([(u, t) in live for u, t in zip(uris, etags)])
-                    kept = batch.filter(mask)
-                    if kept.num_rows:
-                        yield kept
-
-    return gen
+    return batch_reader(files, uri_etags=[(e.uri, e.etag) for e in live], model_id=model_id)
 
 
 def _encoder_files(encoder, cfg: RunConfig, tmpdir: str) -> dict[str, str]:
@@ -343,7 +331,7 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
         echo("building index version ...")
         with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
             manifest = build_version(
-                live_batches(req.workdir, new_entries), index_root, model_id=encoder.model_id, dim=encoder.dim,
+                live_batches(req.workdir, new_entries, encoder.model_id), index_root, model_id=encoder.model_id, dim=encoder.dim,
                 bits=encoder.bits, config=cfg.index, extra_files=_encoder_files(encoder, cfg, tmp),
                 metrics_extra={"run_id": run_id}, publish=True,
             )

@@ -43,6 +43,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 AUDIO_BACKENDS = ("auto", "torchaudio", "pyav")
 MIN_FINAL_SEGMENT_S = 0.1
+MIN_MEMORY_MB = 512
 # A container whose video track has fewer readable frames than this share of the
 # frames its index declares is treated as truncated.
 _MIN_READABLE_FRAME_SHARE = 0.9
@@ -84,8 +85,9 @@ class DecodeConfig:
                 raise ValueError(f"{name} = {value!r} must be a finite number > 0")
         if self.decoder_threads < 0:
             raise ValueError(f"decoder_threads = {self.decoder_threads!r} must be >= 0")
-        if self.memory_mb < 256:
-            raise ValueError(f"memory_mb = {self.memory_mb!r} must be >= 256 (a worker needs that to start)")
+        if not (isinstance(self.memory_mb, int) and self.memory_mb >= MIN_MEMORY_MB):
+            raise ValueError(f"memory_mb = {self.memory_mb!r} must be an int >= {MIN_MEMORY_MB} "
+                             "(a worker maps ~320 MiB of address space once its decoders are loaded)")
         if self.audio_backend not in AUDIO_BACKENDS:
             raise ValueError(f"audio_backend = {self.audio_backend!r} must be one of {AUDIO_BACKENDS}")
         if self.audio_backend == "torchaudio" and importlib.util.find_spec("torchaudio") is None:
@@ -127,10 +129,6 @@ class DecodeTimeoutError(DecodeError):
 
 class DecoderCrashedError(DecodeError):
     """The decode worker died (signal, abort) or ran out of memory."""
-
-
-ERROR_TYPES: dict[str, type[DecodeError]] = {cls.__name__: cls for cls in (
-    DecodeError, ProbeError, LimitExceededError, UnsupportedMediaError, DecodeTimeoutError, DecoderCrashedError)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,31 +244,49 @@ def _duration(container: av.container.InputContainer) -> float:
 
 
 class _FrameSampler:
-    """Frames of one video at given times, resized by decord (only sampled frames reach RGB)."""
+    """Frames of one video at given times, resized by decord (only sampled frames reach RGB).
+
+    decord cannot produce some output widths (96 among them: its copy check fails);
+    for those the frames are decoded at their own size and resized with Pillow.
+    """
 
     def __init__(self, path: str, uri: str, info: MediaInfo, config: DecodeConfig) -> None:
-        self._uri = uri
-        try:
-            self._reader = decord.VideoReader(path, width=config.frame_size, height=config.frame_size,
-                                              num_threads=config.decoder_threads)
-            n = len(self._reader)
-            starts = self._reader.get_frame_timestamp(np.arange(n))[:, 0] if n else np.zeros(0)
-        except (decord.DECORDError, RuntimeError) as err:
-            raise DecodeError(f"{uri}: cannot read the video track: {err}") from err
+        self._path, self._uri, self._config = path, uri, config
+        self._reader = self._open(config.frame_size)
+        self._resize = False
+        n = len(self._reader)
         if n == 0:
             raise DecodeError(f"{uri}: the video track has no readable frames")
         declared = info.video.frames if info.video else 0
         if declared and n < _MIN_READABLE_FRAME_SHARE * declared:
             raise DecodeError(f"{uri}: truncated file: {n} of {declared} indexed video frames are readable")
+        try:
+            starts = self._reader.get_frame_timestamp(np.arange(n))[:, 0]
+        except (decord.DECORDError, RuntimeError) as err:
+            raise DecodeError(f"{uri}: cannot read the video frame index: {err}") from err
         self._starts = starts - starts[0]
+
+    def _open(self, size: int) -> decord.VideoReader:
+        try:
+            return decord.VideoReader(self._path, width=size, height=size, num_threads=self._config.decoder_threads)
+        except (decord.DECORDError, RuntimeError) as err:
+            raise DecodeError(f"{self._uri}: cannot read the video track: {err}") from err
 
     def frames_at(self, times: list[float]) -> np.ndarray:
         idx = np.searchsorted(self._starts, np.asarray(times), side="right") - 1
-        idx = np.clip(idx, 0, len(self._starts) - 1)
+        idx = np.clip(idx, 0, len(self._starts) - 1).tolist()
         try:
-            return self._reader.get_batch(idx.tolist()).asnumpy()
+            batch = self._reader.get_batch(idx).asnumpy()
         except (decord.DECORDError, RuntimeError) as err:
-            raise DecodeError(f"{self._uri}: cannot decode video frames {idx.tolist()}: {err}") from err
+            if self._resize or "must exactly match" not in str(err):
+                raise DecodeError(f"{self._uri}: cannot decode video frames {idx}: {err}") from err
+            logger.debug("%s: decord cannot resize to %d px; resizing with Pillow", self._uri, self._config.frame_size)
+            self._reader, self._resize = self._open(-1), True
+            return self.frames_at(times)
+        if not self._resize:
+            return batch
+        size = (self._config.frame_size, self._config.frame_size)
+        return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in batch])
 
 
 class _AudioTrack:
@@ -320,6 +336,15 @@ class _AudioTrack:
         self._chunks = [buf[cut:]] if cut < len(buf) else []
         self._pos += cut
         return np.clip(out, -1.0, 1.0, out=out)
+
+    @property
+    def end_s(self) -> float:
+        return self._end / self._rate
+
+    def ended_before(self, end_s: float) -> bool:
+        """Whether the track ran out well before ``end_s`` (a truncated file): more
+        than a second and more than a tenth short, beyond duration estimates' error."""
+        return self._eof and end_s - self.end_s > max(1.0, 0.1 * end_s)
 
     def close(self) -> None:
         pass
@@ -470,6 +495,9 @@ def _decode_av(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
                     yield Segment(item.uri, item.etag, "audio", start, end, samples)
             if text:
                 yield Segment(item.uri, item.etag, "text", start, end, text, text=text)
+        if frames is None and audio is not None and audio.ended_before(bounds[-1][1]):
+            raise DecodeError(f"{item.uri}: truncated file: the audio ends at {audio.end_s:.2f} s "
+                              f"of the {info.duration_s:.2f} s the container declares")
 
 
 def _decode_image(item, path: str, config: DecodeConfig) -> Iterator[Segment]:

@@ -1,8 +1,8 @@
 """Sharded FAISS index versions built from embedding rows (SPEC 4.2, 4.4).
 
-``build_version`` reads the rows in a few streaming passes and never holds more
-than one group of shards (about ``max_shard_vectors`` vectors) plus the training
-and recall samples in memory:
+``build_version`` reads the rows in a few streaming passes. Besides 10 bytes per
+row (segment id, modality) it holds one group of shards (about
+``max_shard_vectors`` vectors) and the training and recall samples in memory:
 
 1. scan: segment ids and modalities of every row (to dedupe and plan shards), and
    a seeded bottom-k sample per modality: held-out recall queries and training rows;
@@ -15,11 +15,14 @@ and recall samples in memory:
 
 Shards: one float and one binary index per modality, split into contiguous
 segment-id ranges when a modality holds more than ``max_shard_vectors`` rows.
+Index ids are segment ids; a segment id seen twice is indexed once (its first row).
+The same rows in the same order give the same shard files (the seed fixes the samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -146,17 +149,18 @@ class _Progress:
     def __init__(self, callback: ProgressFn | None, log_every_s: float = 10.0) -> None:
         self._callback = callback
         self._log_every_s = log_every_s
-        self._stage = ""
-        self._start = self._last_log = self._last_call = time.monotonic()
+        self._started: dict[str, float] = {}
+        self._last_log: dict[str, float] = {}
+        self._last_call = time.monotonic()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
-        if stage != self._stage:  # a stage starts where the previous one's last report left off
-            self._stage, self._start, self._last_log = stage, self._last_call, self._last_call
+        if stage not in self._started:  # a stage starts where the previous report left off
+            self._started[stage] = self._last_log[stage] = self._last_call
         self._last_call = now
-        if now - self._last_log >= self._log_every_s or (total and done >= total):
-            self._last_log = now
-            elapsed = now - self._start
+        if now - self._last_log[stage] >= self._log_every_s or (total and done >= total):
+            self._last_log[stage] = now
+            elapsed = now - self._started[stage]
             speed = ""
             if elapsed >= 1.0 and done:
                 rate = done / elapsed
@@ -497,9 +501,9 @@ class _ShardBuilder:
         if self.exact is not None:
             self.exact.finalize()
             self.exact_hamming.finalize()
-            exact, exact_h = self.exact, self.exact_hamming
-            float_measure = lambda: _float_recall(self.float_index, self.query_x, exact.I)  # noqa: E731
-            hamming_measure = lambda: _hamming_recall(self.binary_index, self.query_codes, exact_h.D, exact_h.I)  # noqa: E731
+            float_measure = functools.partial(_float_recall, self.float_index, self.query_x, self.exact.I)
+            hamming_measure = functools.partial(_hamming_recall, self.binary_index, self.query_codes,
+                                                self.exact_hamming.D, self.exact_hamming.I)
         float_params, float_recall = _tune(self.float_index, False, config, float_measure)
         binary_params, binary_recall = _tune(self.binary_index, True, config, hamming_measure)
         files = {

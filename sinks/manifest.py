@@ -179,7 +179,9 @@ class ShardEntry:
         return out
 
 
-_REQUIRED = ("version", "created_at", "model_id", "dim", "bits", "metric", "index_factory", "shards", "id_maps", "ntotal")
+_REQUIRED = (
+    "version", "created_at", "model_id", "dim", "bits", "metric", "index_factory", "shards", "id_maps", "ntotal",
+)
 
 
 @dataclasses.dataclass(frozen=True)

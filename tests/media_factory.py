@@ -5,8 +5,9 @@ tests build what they need in ``tmp_path``. The files are tiny (64x64 frames, a
 few seconds) and take milliseconds to make.
 
 Video frames are flat grey with a level that encodes the frame index
-(``frame_level(i)``), so a test can tell which frame a decoder sampled with
-``frame_index_of(pixels)`` even after H.264 compression and resizing.
+(``frame_level(i)``, cycling after ``MAX_FRAMES`` frames), so a test can tell
+which frame a decoder sampled with ``frame_index_of(pixels)`` even after H.264
+compression and resizing.
 """
 
 from __future__ import annotations
@@ -73,26 +74,27 @@ def _encode_audio(container: av.container.OutputContainer, stream: av.audio.stre
 
 
 def make_video(path: str | os.PathLike, *, duration_s: float = 4.0, fps: int = 8, size: int = 64,
-               audio: bool = True, audio_rate: int = 44100, container_format: str | None = None,
-               faststart: bool = False) -> Path:
-    """An H.264 (+ AAC tone) video whose frame i is flat grey ``frame_level(i)``.
+               audio: bool = True, video: bool = True, audio_rate: int = 44100,
+               container_format: str | None = None, faststart: bool = False) -> Path:
+    """An H.264 (+ AAC tone) video whose frame i is flat grey ``frame_level(i % MAX_FRAMES)``.
 
-    ``.webm`` paths get VP8 (+ Opus) instead. ``faststart`` moves the mp4 index to
-    the front (so a truncated copy still probes).
+    ``.webm`` paths get VP8 (+ Opus) instead. ``video=False`` leaves only the audio
+    track (an audio file in a video container). ``faststart`` moves the mp4 index
+    to the front (so a truncated copy still probes).
     """
     path = Path(path)
     n_frames = int(round(duration_s * fps))
-    if n_frames > MAX_FRAMES:
-        raise ValueError(f"{duration_s * fps = } frames exceeds {MAX_FRAMES}: lower fps or duration_s")
     webm = path.suffix.lower() == ".webm"
     options = {"movflags": "+faststart"} if faststart and not webm else {}
     with av.open(str(path), mode="w", format=container_format, options=options) as out:
-        if webm:
+        vstream = None
+        if video and webm:
             vstream = out.add_stream("libvpx", rate=fps, options={"crf": "4", "b:v": "1M"})
-        else:
+        elif video:
             vstream = out.add_stream("libx264", rate=fps, options={"crf": "10", "preset": "ultrafast"})
-        vstream.width = vstream.height = size
-        vstream.pix_fmt = "yuv420p"
+        if vstream is not None:
+            vstream.width = vstream.height = size
+            vstream.pix_fmt = "yuv420p"
         astream = None
         if audio:
             if webm:
@@ -100,13 +102,14 @@ def make_video(path: str | os.PathLike, *, duration_s: float = 4.0, fps: int = 8
                 astream = out.add_stream("libopus", rate=audio_rate, layout="stereo")
             else:
                 astream = out.add_stream("aac", rate=audio_rate, layout="stereo")
-        for i in range(n_frames):
-            rgb = np.full((size, size, 3), frame_level(i), dtype=np.uint8)
+        for i in range(n_frames if vstream is not None else 0):
+            rgb = np.full((size, size, 3), frame_level(i % MAX_FRAMES), dtype=np.uint8)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
             frame.time_base = fractions.Fraction(1, fps)
             out.mux(vstream.encode(frame))
-        out.mux(vstream.encode(None))
+        if vstream is not None:
+            out.mux(vstream.encode(None))
         if astream is not None:
             fmt = astream.codec_context.format.name
             _encode_audio(out, astream, tone(duration_s, audio_rate, channels=2), audio_rate, fmt)

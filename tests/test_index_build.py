@@ -237,6 +237,14 @@ def test_versions_increment_and_chain_their_parents(tmp_path):
     assert mf.list_versions(str(tmp_path / "idx")) == ["v000001", "v000002", "v000003"]
 
 
+def test_rebuilding_the_same_rows_gives_identical_files(tmp_path):
+    rows = make_rows({"video": 1500, "text": 300})
+    config = IndexBuildConfig(float_factory="IVF16,Flat", binary_factory="BIVF8", max_shard_vectors=800,
+                              recall_sample=50)
+    first, second = build(rows, tmp_path / "idx", config), build(rows, tmp_path / "idx", config)
+    assert [(f.file, f.sha256) for f in first.all_files()] == [(f.file, f.sha256) for f in second.all_files()]
+
+
 def test_manifest_on_disk_matches_the_returned_one(tmp_path):
     manifest = build(make_rows({"text": 60}), tmp_path / "idx")
     assert mf.read_manifest(str(tmp_path / "idx"), manifest.version) == manifest
