@@ -74,7 +74,7 @@ def augment_audio(wave: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
         x = np.clip(x * rng.uniform(1.5, 4.0), -1.0, 1.0)
     signal_rms = float(np.sqrt(np.mean(x**2))) + 1e-8
     if rng.random() < cfg.window_prob:
-        total = int(rng.uniform(x.size / sr, max(x.size / sr, cfg.window_max_s)) * sr)
+        total = max(x.size, int(rng.uniform(x.size / sr, max(x.size / sr, cfg.window_max_s)) * sr))
         offset = int(rng.integers(0, total - x.size + 1))
         x = np.concatenate([np.zeros(offset, np.float32), x, np.zeros(total - x.size - offset, np.float32)])
     if rng.random() < cfg.noise_prob:

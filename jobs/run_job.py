@@ -93,8 +93,9 @@ class RunRequest:
 
 
 def new_run_id() -> str:
+    """UTC time to the millisecond plus a random suffix: run ids sort by start time."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
 def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_id: str, full: bool,

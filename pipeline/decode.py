@@ -194,7 +194,7 @@ def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
         raise ProbeError(f"{uri}: empty file (0 bytes)")
     try:
         container = av.open(path, container_options=_AV_OPEN_OPTIONS, metadata_errors="replace")
-    except (av.error.FFmpegError, UnicodeDecodeError) as err:
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
         raise ProbeError(f"{uri}: not a readable media container: {err}") from err
     with container:
         fmt = container.format.name
@@ -204,7 +204,10 @@ def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
             raise LimitExceededError(f"{uri}: {len(container.streams)} streams, over max_streams={config.max_streams}")
         streams = tuple(_stream_info(s) for s in container.streams)
         start_s = container.start_time / 1e6 if container.start_time is not None else 0.0
-        duration_s = _duration(container)
+        try:
+            duration_s = _duration(container)
+        except (av.error.FFmpegError, OSError) as err:
+            raise ProbeError(f"{uri}: cannot read packets to find the duration: {err}") from err
     info = MediaInfo(container=fmt, size_bytes=size, duration_s=duration_s, start_s=start_s, streams=streams)
     for s in streams:
         if s.type == "video" and s.width * s.height > config.max_pixels:
@@ -365,6 +368,7 @@ class _PyAVAudio(_AudioTrack):
         except (av.error.FFmpegError, IndexError) as err:
             raise DecodeError(f"{uri}: cannot open audio stream {stream_index}: {err}") from err
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        self._input_shape: tuple | None = None  # (sample format, layout, rate) the resampler was set up for
         self._bad_packets = 0
 
     def _pull(self) -> None:
@@ -391,6 +395,13 @@ class _PyAVAudio(_AudioTrack):
 
     def _resample(self, frame: av.AudioFrame | None) -> None:
         try:
+            if frame is not None:
+                shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+                if shape != self._input_shape:  # the stream changed its rate or channels mid-way
+                    if self._input_shape is not None:
+                        self._resample(None)
+                    self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self._rate)
+                    self._input_shape = shape
             for out in self._resampler.resample(frame):
                 self._push(out.to_ndarray().reshape(-1))
         except (av.error.FFmpegError, ValueError) as err:

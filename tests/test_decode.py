@@ -158,6 +158,17 @@ def test_mp3_decodes_to_segments(tmp_path):
     assert dominant_hz(segment.payload, 16000) == pytest.approx(mf.TONE_HZ, abs=3)
 
 
+def test_audio_whose_sample_rate_changes_midway_decodes_at_16khz_throughout(tmp_path):
+    first = mf.make_mp3(tmp_path / "a.mp3", duration_s=1.0, sample_rate=22050).read_bytes()
+    second = mf.make_mp3(tmp_path / "b.mp3", duration_s=1.0, sample_rate=44100).read_bytes()
+    path = tmp_path / "joined.mp3"
+    path.write_bytes(first + second)
+    segments = decode_all(path, "audio", DecodeConfig(segment_s=1.0))
+    assert [s.start_s for s in segments] == [0.0, 1.0]
+    assert len(segments[0].payload) == 16000
+    assert dominant_hz(segments[1].payload, 16000) == pytest.approx(mf.TONE_HZ, abs=3)
+
+
 def test_wav_named_mp3_decodes_by_content(tmp_path):
     path = tmp_path / "mislabelled.mp3"
     path.write_bytes(mf.make_wav(tmp_path / "real.wav", duration_s=0.5).read_bytes())
