@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/xmodal-index make-sample --out $(SAMPLE) --force
 	$(VENV)/bin/xmodal-index run --source $(SAMPLE) --workdir $(WORK) --config examples/sample.toml
-	$(PY) examples/show_queries.py --index $(WORK)/indexes/main --archive $(SAMPLE)
+	$(VENV)/bin/xmodal-index query --index $(WORK)/indexes/main --queries examples/sample_queries.jsonl -k 5
 
 # The test suite CI runs (slow and gpu tests excluded).
 test: setup

@@ -81,7 +81,18 @@ def read_queries(path: str) -> Iterator[dict]:
             keys = [k for k in QUERY_KEYS if k in q] if isinstance(q, dict) else []
             if len(keys) != 1:
                 raise QueryError(f"{path}:{n}: needs exactly one of {', '.join(QUERY_KEYS)}, got {line.strip()[:80]}")
-            yield {"id": q.get("id", n), "modality": keys[0], "value": q[keys[0]]}
+            search = q.get("modality")
+            if search is not None:
+                search = _parse_modalities(str(search), f"{path}:{n}: modality")
+            yield {"id": q.get("id", n), "modality": keys[0], "value": q[keys[0]], "search": search}
+
+
+def _parse_modalities(value: str, where: str) -> list[str]:
+    mods = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in mods if m not in QUERY_KEYS]
+    if bad or not mods:
+        raise QueryError(f"{where} {value!r}: each must be one of {', '.join(QUERY_KEYS)}")
+    return mods
 
 
 def hit_json(h) -> dict:
@@ -97,7 +108,8 @@ def hit_json(h) -> dict:
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file query.")
 @click.option("--video", type=click.Path(dir_okay=False), default=None, help="Video file query (frames sampled at 2 per second).")
 @click.option("--queries", type=click.Path(dir_okay=False), default=None,
-              help="JSONL file: one object per line with exactly one of text/audio/image/video and an optional id.")
+              help="JSONL file: one object per line with exactly one of text/audio/image/video (a string or file path), "
+                   "an optional id and an optional modality (streams to search, like --modality).")
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, help="Hits per query.")
 @click.option("--modality", default=None, help="Search only these streams, comma-separated from video,audio,image,text (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout: {id, hits: [...]}.")
@@ -108,10 +120,10 @@ def query(index_uri, version, text, audio, image, video, queries, k, modality, a
         raise click.UsageError("give exactly one of --text, --audio, --image, --video, --queries")
     modalities = None
     if modality:
-        modalities = [m.strip() for m in modality.split(",") if m.strip()]
-        bad = [m for m in modalities if m not in QUERY_KEYS]
-        if bad:
-            raise click.BadParameter(f"{bad[0]!r} is not one of {', '.join(QUERY_KEYS)}", param_hint="--modality")
+        try:
+            modalities = _parse_modalities(modality, "--modality")
+        except QueryError as err:
+            raise click.BadParameter(str(err), param_hint="--modality") from err
     try:
         from xmodal_index.sinks.loader import IndexVersion
 
@@ -121,15 +133,18 @@ def query(index_uri, version, text, audio, image, video, queries, k, modality, a
             todo = list(read_queries(queries))
         else:
             (m, v), = given.items()
-            todo = [{"id": 1, "modality": m, "value": v}]
+            todo = [{"id": 1, "modality": m, "value": v, "search": None}]
         for q in todo:
             payload = q["value"] if q["modality"] == "text" else decode_query_media(q["modality"], q["value"])
             vec = encoder.encode(q["modality"], [payload]).embeddings
-            hits = version_obj.search(np.ascontiguousarray(vec, dtype=np.float32), k, modalities=modalities)[0]
+            hits = version_obj.search(np.ascontiguousarray(vec, dtype=np.float32), k,
+                                      modalities=q["search"] or modalities)[0]
             if as_json:
                 click.echo(json.dumps({"id": q["id"], "hits": [hit_json(h) for h in hits]}))
             else:
-                click.echo(f"query {q['id']} ({q['modality']}: {str(q['value'])[:60]}) on {version_obj.manifest.version}")
+                where = ",".join(q["search"] or modalities or ["all streams"])
+                click.echo(f"query {q['id']} ({q['modality']}: {str(q['value'])[:60]}) in {where} of "
+                           f"{version_obj.manifest.version}")
                 for rank, h in enumerate(hits, 1):
                     extra = f"  \"{h.text}\"" if h.text else ""
                     click.echo(f"  {rank:>3}. {h.score:.3f}  {h.modality:<5} {h.start_s:7.2f}-{h.end_s:<7.2f} {h.uri}{extra}")
