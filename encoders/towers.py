@@ -76,9 +76,9 @@ class ConvTower(nn.Module):
             *_conv(1, width),
             nn.MaxPool2d(2),
             *_conv(width, 2 * width),
-            *_conv(2 * width, 2 * width),
             nn.MaxPool2d(2),
             *_conv(2 * width, 4 * width),
+            nn.MaxPool2d(2),
             *_conv(4 * width, 4 * width),
         )
         self.proj = nn.Sequential(nn.Dropout(0.2), nn.Linear(8 * width, dim))

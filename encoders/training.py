@@ -69,6 +69,7 @@ class TrainConfig:
     cca_reg: float = 1e-3
     cca_pairings: int = 2
     cca_power: float = 4.0
+    cpu_bf16: bool = True  # bf16 autocast when training on a CPU with native bf16 (about 2-3x faster)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -144,14 +145,21 @@ def train_model(
         logger.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, config.epochs, loss, time.perf_counter() - start)
         if progress is not None:
             progress(epoch + 1, config.epochs, loss)
-    trainer.net.eval()
-    return TrainResult(trainer.net.cpu(), losses, time.perf_counter() - start)
+    net = trainer.net.eval().cpu().to(memory_format=torch.contiguous_format)
+    return TrainResult(net, losses, time.perf_counter() - start)
 
 
 def _check_data(data: TrainingSet) -> None:
     labelled = sum(x is not None and len(x.labels) > 0 for x in (data.audio, data.images)) + int(data.texts)
     if labelled < 2 and not data.cooccur:
         raise TrainingError("training needs at least two labelled modalities or some co-occurrence tuples")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _label_index(labels: np.ndarray) -> dict[int, np.ndarray]:
@@ -168,7 +176,9 @@ class _Trainer:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.aug = AugmentConfig()
         model_config = ModelConfig(dim=config.dim, bits=tuple(sorted(config.bits)), width=config.width)
+        self.cpu_bf16 = self.device.type == "cpu" and config.cpu_bf16 and _cpu_has_bf16()
         self.net = build_model(model_config, config.seed).to(self.device).train()
+        self.net = self.net.to(memory_format=torch.channels_last)
         self.frontend = AudioFrontend(model_config.audio).to(self.device)
         self.image_by_label = _label_index(data.images.labels) if data.images is not None else {}
         self.anchor = data.audio.labels if data.audio is not None else (data.images.labels if data.images is not None else np.zeros(0, np.int64))
@@ -205,11 +215,13 @@ class _Trainer:
         return total / max(count, 1)
 
     def _autocast(self) -> Any:
-        """bf16/fp16 mixed precision on CUDA; plain fp32 on CPU."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        """Mixed precision: bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with native bf16, else fp32."""
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast(device_type="cuda", dtype=dtype)
+        if self.cpu_bf16:
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _labelled_loss(self, idx: np.ndarray) -> torch.Tensor:
         d, cfg = self.data, self.config
@@ -257,8 +269,8 @@ class _Trainer:
                 if cfg.hash_weight > 0:
                     na, nb = F.normalize(za, dim=1), F.normalize(zb, dim=1)
                     for bits in self.net.config.bits:
-                        ha = torch.tanh(self.net.hash_logits(na, bits))
-                        hb = torch.tanh(self.net.hash_logits(nb, bits))
+                        ha = torch.tanh(self.net.hash_logits(na, bits).float())
+                        hb = torch.tanh(self.net.hash_logits(nb, bits).float())
                         loss = loss + cfg.hash_weight / len(self.net.config.bits) * hashing_loss(ha, hb, labels, labels).total
         return loss
 
@@ -279,7 +291,7 @@ class _Trainer:
             x = self.frontend(waves)
             if self.config.augment:
                 x = mask_logmel(x.cpu(), self.gen, self.aug.mask_prob).to(self.device)
-        return self.net.embed("audio", x)
+        return self.net.embed("audio", x.contiguous(memory_format=torch.channels_last))
 
     def _images(self, images: np.ndarray) -> torch.Tensor:
         if self.config.augment:
@@ -287,7 +299,7 @@ class _Trainer:
             x = augment_images(grey, self.net.config.image.size, self.gen, self.aug)
         else:
             x = image_features(list(images), self.net.config.image)
-        return self.net.embed("image", x.to(self.device))
+        return self.net.embed("image", x.to(self.device).contiguous(memory_format=torch.channels_last))
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
         ids, offsets = text_features(texts, self.net.config.text)

@@ -107,10 +107,16 @@ def _worker_main(conn, memory_mb: int, parent_pid: int) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             return
+        except Exception as err:  # noqa: BLE001 - a request whose function does not import here
+            conn.send(("failed", f"cannot load the request: {type(err).__name__}: {err}", traceback.format_exc()))
+            continue
         if message[0] == "stop":
             return
         if message[0] == "run":
-            _serve_one(conn, message[1], message[2])
+            try:
+                _serve_one(conn, message[1], message[2])
+            except OSError:  # the parent closed its end: nobody to serve
+                return
         # anything else is a cancel that arrived after its request ended: nothing to do
 
 

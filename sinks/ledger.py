@@ -5,6 +5,11 @@ mtime, state, segments, model_id, run_id: the run whose rows are live for it);
 ``ledger/CURRENT`` names the newest committed snapshot and is written last, so a
 run that crashes before committing leaves the previous state in force.
 ``ledger/PUBLISHED`` names the snapshot the published index version reflects.
+
+An entry's ``run_id`` says which run's Parquet parts hold its live rows: the live
+rows of the workdir are exactly the rows matching an ``indexed`` entry's
+(uri, etag, run_id, model_id). Parts of runs that crashed before their snapshot
+was committed are named by no entry, so readers never see them.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError
+from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
 from xmodal_index.sinks.schema import LEDGER_SCHEMA
 
 STATES = ("indexed", "failed", "deleted")
+
+
+class LedgerError(SinkError):
+    """A ledger snapshot is unreadable or holds invalid entries."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,20 @@ class LedgerEntry:
 
 def _root(workdir: str) -> str:
     return storage.join(workdir, "ledger")
+
+
+def snapshot_name(snapshot_uri: str) -> str:
+    """``.../ledger/ledger-RUN.parquet`` -> ``ledger-RUN.parquet`` (what CURRENT and PUBLISHED hold)."""
+    return snapshot_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+LiveKey = tuple[str, str, str, str]  # uri, etag, run_id, model_id
+
+
+def live_keys(entries: Iterable[LedgerEntry]) -> frozenset[LiveKey]:
+    """What identifies the live rows of ``entries``: two ledgers with the same live
+    keys describe the same index content."""
+    return frozenset((e.uri, e.etag, e.run_id, e.model_id) for e in entries if e.state == "indexed")
 
 
 def _read_name(uri: str) -> str | None:
@@ -59,7 +82,7 @@ def published_snapshot_name(workdir: str) -> str | None:
 def mark_published(workdir: str, snapshot_uri: str) -> None:
     """Record that the index now reflects ``snapshot_uri`` (so a later run knows
     whether an earlier, unpublished run left changes that still need a version)."""
-    name = snapshot_uri.rstrip("/").rsplit("/", 1)[-1]
+    name = snapshot_name(snapshot_uri)
     storage.write_bytes(storage.join(_root(workdir), "PUBLISHED"), (name + "\n").encode())
 
 
@@ -68,8 +91,14 @@ def read_ledger(workdir: str) -> dict[str, LedgerEntry]:
     name = ledger_snapshot_name(workdir)
     if name is None:
         return {}
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(_root(workdir), name))))
-    return {row["uri"]: LedgerEntry(**row) for row in table.to_pylist()}
+    uri = storage.join(_root(workdir), name)
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        return {row["uri"]: LedgerEntry(**row) for row in table.to_pylist()}
+    except ObjectNotFoundError as err:
+        raise LedgerError(f"ledger/CURRENT names {uri!r}, which does not exist") from err
+    except (pa.ArrowException, TypeError) as err:
+        raise LedgerError(f"cannot read the ledger snapshot {uri!r}: {err}") from err
 
 
 def write_ledger(workdir: str, run_id: str, entries: Iterable[LedgerEntry]) -> str:
@@ -77,7 +106,7 @@ def write_ledger(workdir: str, run_id: str, entries: Iterable[LedgerEntry]) -> s
     rows = sorted((dataclasses.asdict(e) for e in entries), key=lambda r: r["uri"])
     for r in rows:
         if r["state"] not in STATES:
-            raise ValueError(f"ledger state {r['state']!r} of {r['uri']!r} is not one of {', '.join(STATES)}")
+            raise LedgerError(f"ledger state {r['state']!r} of {r['uri']!r} is not one of {', '.join(STATES)}")
     table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

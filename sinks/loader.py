@@ -5,6 +5,17 @@ torch. ``IndexVersion.open`` fetches every file the manifest lists into a local
 cache (local index roots are read in place unless a cache_dir is given), verifies
 each sha256 before serving, memory-maps the index files, and searches the shards
 of the selected modalities in parallel threads (faiss releases the GIL).
+
+Search modes:
+
+- ``float``: each float shard's ANN index; shards whose search_params carry
+  ``rerank`` (product-quantized ones) fetch ``rerank * k`` candidates and re-score
+  them exactly with the shard's stored float16 vectors.
+- ``two_stage``: each binary shard returns its Hamming top-``candidates`` for the
+  query's hash code, and those are re-scored exactly with the stored float16
+  vectors (inner product); the caller passes the query embeddings and codes.
+
+Results of all shards are merged by score, ties by segment_id.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -63,13 +74,16 @@ def _inner_index(index: Any, binary: bool) -> Any:
 
 
 def tunable_param(index: Any, binary: bool) -> tuple[str, int] | None:
-    """("nprobe", nlist) for IVF indexes, ("efSearch", 0) for HNSW, None for exact ones."""
+    """("nprobe", nlist) for IVF indexes, ("efSearch", 0) for HNSW, ("nflip", hash
+    bits) for binary hash indexes, None for exact ones."""
     inner = _inner_index(index, binary)
     if binary:
         if isinstance(inner, faiss.IndexBinaryIVF):
             return "nprobe", int(inner.nlist)
         if isinstance(inner, faiss.IndexBinaryHNSW):
             return "efSearch", 0
+        if isinstance(inner, (faiss.IndexBinaryHash, faiss.IndexBinaryMultiHash)):
+            return "nflip", int(inner.b)
         return None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -85,6 +99,9 @@ def apply_search_params(index: Any, params: Mapping[str, int], binary: bool) -> 
     if param is None or param[0] not in params:
         return
     name, value = param[0], int(params[param[0]])
+    if name == "nflip":
+        _inner_index(index, True).nflip = max(0, value)
+        return
     if value <= 0:
         return
     if name == "nprobe":
@@ -158,6 +175,89 @@ def _materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) 
     return local_dir
 
 
+# ---------------------------------------------------------------- stored vectors and re-ranking
+
+
+RERANK_PARAM = "rerank"  # search_params key: candidates per shard = rerank * k, re-scored exactly
+_RERANK_CHUNK_VALUES = 1 << 22  # candidate rows x dim re-scored at once (16 MiB of float32)
+
+
+class StoredVectors:
+    """A shard's float16 copy of its vectors, memory-mapped, addressed by segment id.
+
+    ``ids`` (sorted) and ``rows`` come from the shard's id map: the vector of
+    ``ids[i]`` is ``vectors[rows[i]]``.
+    """
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} ids but {len(rows)} vector rows")
+        self.vectors = vectors
+        self.ids = ids
+        self.rows = rows
+
+    @classmethod
+    def open(cls, path: str, ids: np.ndarray, rows: np.ndarray) -> "StoredVectors":
+        try:
+            vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise IndexVersionError(f"cannot read stored vectors {path!r}: {err}") from err
+        if vectors.ndim != 2 or (len(rows) and int(rows.max()) >= len(vectors)):
+            raise IndexVersionError(f"stored vectors {path!r} have shape {vectors.shape}, too few for its id map")
+        return cls(vectors, ids, rows)
+
+    def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact inner products (Q, C) of each query with its candidate ids (Q, C);
+        -inf where the id is -1 (no candidate) or unknown to this shard."""
+        nq, nc = ids.shape
+        out = np.full((nq, nc), -np.inf, np.float32)
+        if nc == 0 or len(self.ids) == 0:
+            return out
+        dim = self.vectors.shape[1]
+        step = max(1, _RERANK_CHUNK_VALUES // max(1, nc * dim))
+        for start in range(0, nq, step):
+            block = ids[start:start + step]
+            flat = block.ravel()
+            pos = np.minimum(np.searchsorted(self.ids, flat), len(self.ids) - 1)
+            ok = (flat >= 0) & (self.ids[pos] == flat)
+            rows = self.rows[pos[ok]]
+            order = np.argsort(rows, kind="stable")  # sequential reads of the memory map
+            x = np.empty((len(rows), dim), np.float32)
+            x[order] = self.vectors[rows[order]]
+            q = np.repeat(queries[start:start + step], nc, axis=0)[ok]
+            scores = np.full(len(flat), -np.inf, np.float32)
+            scores[ok] = np.einsum("ij,ij->i", x, q)
+            out[start:start + len(block)] = scores.reshape(len(block), nc)
+        return out
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k (highest score, then smallest id) of each row; -1 / -inf where fewer exist."""
+    nq = len(scores)
+    out_d = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    for q in range(nq):
+        valid = np.nonzero((ids[q] >= 0) & np.isfinite(scores[q]))[0]
+        order = valid[np.lexsort((ids[q, valid], -scores[q, valid]))][:k]
+        out_d[q, :len(order)] = scores[q, order]
+        out_i[q, :len(order)] = ids[q, order]
+    return out_d, out_i
+
+
+def rerank_search(index: Any, queries: np.ndarray, k: int, rerank: int,
+                  vectors: StoredVectors) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact inner product among the index's top ``rerank * k`` candidates."""
+    _, ids = index.search(queries, k * rerank)
+    return top_k(vectors.score(queries, ids), ids, k)
+
+
+def two_stage_search(binary_index: Any, queries: np.ndarray, codes: np.ndarray, k: int, candidates: int,
+                     vectors: StoredVectors) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming top-``candidates`` from the binary index, re-scored exactly: top-k by inner product."""
+    _, ids = binary_index.search(codes, max(k, candidates))
+    return top_k(vectors.score(queries, ids), ids, k)
+
+
 # ---------------------------------------------------------------- the loaded version
 
 
@@ -165,6 +265,7 @@ def _materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) 
 class _IdMap:
     ids: np.ndarray  # sorted int64
     table: pa.Table
+    vectors: StoredVectors | None = None
 
     def rows(self, ids: np.ndarray, name: str) -> list[dict[str, Any]]:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
@@ -177,6 +278,10 @@ class _IdMap:
 class _Shard:
     entry: mf.ShardEntry
     index: Any
+
+
+SEARCH_MODES = ("float", "two_stage")
+DEFAULT_CANDIDATES = 100  # two-stage: Hamming candidates per shard when not given
 
 
 class IndexVersion:
@@ -200,6 +305,11 @@ class IndexVersion:
     def modalities(self) -> tuple[str, ...]:
         return self.manifest.modalities
 
+    @property
+    def has_vectors(self) -> bool:
+        """True when every shard keeps float16 vectors (needed by two-stage search)."""
+        return bool(self._id_maps) and all(m.vectors is not None for m in self._id_maps.values())
+
     @staticmethod
     def latest_version(index_root: str) -> str | None:
         return mf.read_latest(index_root)
@@ -217,6 +327,7 @@ class IndexVersion:
                 raise IndexVersionError(f"no published index version under {index_root!r} (no LATEST)")
         manifest = mf.read_manifest(index_root, version)
         local_dir = _materialise(index_root, manifest, cache_dir)
+        vectors_of = {s.id_map: s.vectors for s in manifest.shards if s.vectors}
         id_maps = {}
         for entry in manifest.id_maps:
             table = pq.read_table(os.path.join(local_dir, entry.file), memory_map=True)
@@ -224,7 +335,14 @@ class IndexVersion:
             if len(ids) > 1 and np.any(ids[1:] <= ids[:-1]):
                 order = np.argsort(ids, kind="stable")
                 table, ids = table.take(pa.array(order)), ids[order]
-            id_maps[entry.file] = _IdMap(ids, table)
+            id_map = _IdMap(ids, table)
+            if entry.file in vectors_of:
+                if mf.VECTOR_ROW_COLUMN not in table.column_names:
+                    raise IndexVersionError(f"version {version}: id map {entry.file!r} lacks the "
+                                            f"{mf.VECTOR_ROW_COLUMN!r} column its stored vectors need")
+                rows = table.column(mf.VECTOR_ROW_COLUMN).to_numpy()
+                id_map.vectors = StoredVectors.open(os.path.join(local_dir, vectors_of[entry.file]), ids, rows)
+            id_maps[entry.file] = id_map
         shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry)) for entry in manifest.shards]
         logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
                     manifest.ntotal, len(shards), ",".join(manifest.modalities))
@@ -268,37 +386,86 @@ class IndexVersion:
         return [s for s in self._shards
                 if s.entry.kind == kind and (modalities is None or s.entry.modality in modalities)]
 
-    def _run(self, shards: list[_Shard], queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _run(self, shards: list[_Shard], fn: Callable[[_Shard], tuple[np.ndarray, np.ndarray]]
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
         if len(shards) == 1:
-            return [shards[0].index.search(queries, k)]
-        return list(self._pool.map(lambda s: s.index.search(queries, k), shards))
+            return [fn(shards[0])]
+        return list(self._pool.map(fn, shards))
 
-    def search(self, queries: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
-        """Top-k rows per query by inner product (best first; ties by segment_id)."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
-            raise ValueError(f"queries have shape {queries.shape}, expected (Q, {self.manifest.dim})")
-        return self._search("float", queries, k, modalities)
-
-    def search_codes(self, codes: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
-        """Top-k rows per packed hash code by Hamming distance; score = 1 - d / bits."""
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         codes = np.ascontiguousarray(codes)
         nbytes = self.manifest.bits // 8
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != nbytes:
             raise ValueError(f"codes are {codes.dtype} {codes.shape}, expected uint8 (Q, {nbytes})")
-        return self._search("binary", codes, k, modalities)
+        return codes
 
-    def _search(self, kind: str, queries: np.ndarray, k: int, modalities: Sequence[str] | None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int, modalities: Sequence[str] | None = None, *,
+               mode: str = "float", codes: np.ndarray | None = None,
+               candidates: int | None = None) -> list[list[Hit]]:
+        """Top-k rows per query by inner product (best first; ties by segment_id).
+
+        mode "float": the float ANN shards. mode "two_stage": Hamming top-``candidates``
+        per shard from the binary shards for ``codes`` (the queries' packed hash codes,
+        uint8 (Q, bits // 8)), re-ranked exactly with the stored vectors; candidates
+        defaults to max(DEFAULT_CANDIDATES, k).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
+            raise ValueError(f"queries have shape {queries.shape}, expected (Q, {self.manifest.dim})")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"{mode = } must be one of {SEARCH_MODES}")
+        if k <= 0:
+            raise ValueError(f"{k = } must be > 0")
+        if mode == "float":
+            return self._search("float", queries, k, modalities, self._float_fn(queries, k))
+        if codes is None:
+            raise ValueError("mode 'two_stage' needs the queries' hash codes (codes=...)")
+        codes = self._check_codes(codes)
+        if len(codes) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(codes)} codes")
+        candidates = max(k, DEFAULT_CANDIDATES) if candidates is None else candidates
+        if candidates < k:
+            raise ValueError(f"{candidates = } must be >= k ({k})")
+        shards = self._select("binary", modalities)
+        missing = [s.entry.id_map for s in shards if self._id_maps[s.entry.id_map].vectors is None]
+        if missing:
+            raise IndexVersionError(f"version {self.version} keeps no float vectors for {missing[0]!r}: "
+                                    "two-stage search needs a version built with stored vectors")
+
+        def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
+            vectors = self._id_maps[shard.entry.id_map].vectors
+            return two_stage_search(shard.index, queries, codes, k, candidates, vectors)
+
+        return self._search("float", queries, k, modalities, fn, shards=shards)
+
+    def _float_fn(self, queries: np.ndarray, k: int) -> Callable[[_Shard], tuple[np.ndarray, np.ndarray]]:
+        def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
+            rerank = int(shard.entry.search_params.get(RERANK_PARAM, 0))
+            vectors = self._id_maps[shard.entry.id_map].vectors
+            if rerank > 1 and vectors is not None:
+                return rerank_search(shard.index, queries, k, rerank, vectors)
+            return shard.index.search(queries, k)
+        return fn
+
+    def search_codes(self, codes: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
+        """Top-k rows per packed hash code by Hamming distance; score = 1 - d / bits."""
+        codes = self._check_codes(codes)
+        if k <= 0:
+            raise ValueError(f"{k = } must be > 0")
+        return self._search("binary", codes, k, modalities, lambda s: s.index.search(codes, k))
+
+    def _search(self, kind: str, queries: np.ndarray, k: int, modalities: Sequence[str] | None,
+                fn: Callable[[_Shard], tuple[np.ndarray, np.ndarray]],
+                shards: list[_Shard] | None = None) -> list[list[Hit]]:
         # Each shard returns its own top k; the merge orders by score, then segment_id.
         # Where one shard holds more than k rows tied at the cut-off, which of them it
         # returns is up to the index (deterministic for a given version).
-        if k <= 0:
-            raise ValueError(f"{k = } must be > 0")
-        shards = self._select(kind, modalities)
+        if shards is None:
+            shards = self._select(kind, modalities)
         nq = len(queries)
         if not shards or nq == 0:
             return [[] for _ in range(nq)]
-        results = self._run(shards, queries, k)
+        results = self._run(shards, fn)
         dist = np.concatenate([d.astype(np.float64) for d, _ in results], axis=1)
         ids = np.concatenate([i for _, i in results], axis=1)
         owner = np.concatenate([np.full(i.shape, n, np.int32) for n, (_, i) in enumerate(results)], axis=1)
@@ -307,7 +474,7 @@ class IndexVersion:
         picked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         wanted: dict[str, list[np.ndarray]] = {}
         for q in range(nq):
-            valid = np.nonzero(ids[q] >= 0)[0]
+            valid = np.nonzero((ids[q] >= 0) & np.isfinite(dist[q]))[0]
             order = valid[np.lexsort((ids[q, valid], key[q, valid]))][:k]
             picked.append((ids[q, order], dist[q, order], owner[q, order]))
             for n in np.unique(owner[q, order]):

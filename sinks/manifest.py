@@ -3,11 +3,12 @@
 Layout under an index root (e.g. ``WORKDIR/indexes/NAME``)::
 
     v000001/manifest.json    written after every other file of the version
-    v000001/<shard and id-map files, extra files such as model.safetensors>
+    v000001/<shard, id-map and vector files, extra files such as model.safetensors>
     LATEST                   names the current version; written last of all
 
 A version directory without ``manifest.json`` is an interrupted build: it is never
-listed as a version, and its number is never reused.
+listed as a version, and its number is never reused. ``delete_version`` removes the
+manifest first, so a version being deleted stops being listed at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ FORMAT_VERSION = 1
 SHARD_KINDS = ("float", "binary")
 # Columns of a shard's id map Parquet file, sorted by segment_id.
 ID_MAP_COLUMNS = ("segment_id", "uri", "modality", "start_s", "end_s", "text", "etag")
+# Id-map column (int64) giving each row's position in the shard's stored-vectors file.
+VECTOR_ROW_COLUMN = "vector_row"
 
 _VERSION_RE = re.compile(r"v(\d{6,})")
 
@@ -120,6 +123,39 @@ def write_latest(index_root: str, version: str) -> None:
     logger.info("LATEST of %s -> %s", index_root, version)
 
 
+def incomplete_versions(index_root: str) -> list[str]:
+    """Version directories without a manifest (interrupted or running builds), oldest first."""
+    dirs = _version_dirs(index_root)
+    return sorted((name for name, files in dirs.items() if MANIFEST_NAME not in files), key=version_number)
+
+
+def delete_version(index_root: str, version: str) -> int:
+    """Delete every object of one version directory, its manifest first; returns the count.
+
+    Refuses the version LATEST names. Local roots also lose the emptied directory.
+    """
+    version_number(version)
+    if read_latest(index_root) == version:
+        raise IndexVersionError(f"refusing to delete {version} of {index_root!r}: LATEST names it")
+    prefix = storage.join(index_root, version)
+    try:
+        uris = [obj.uri for obj in storage.list_objects(prefix)]
+    except ObjectNotFoundError:
+        return 0
+    manifest = [u for u in uris if u.rstrip("/").endswith("/" + MANIFEST_NAME)]
+    for uri in manifest + [u for u in uris if u not in manifest]:
+        storage.delete(uri)
+    if not storage.is_s3(index_root):
+        local = prefix[len("file://"):] if prefix.startswith("file://") else prefix
+        for path, _, _ in os.walk(local, topdown=False):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+    logger.info("deleted %s of %s (%d objects)", version, index_root, len(uris))
+    return len(uris)
+
+
 # ---------------------------------------------------------------- checksums
 
 
@@ -166,8 +202,9 @@ class ShardEntry:
     kind: str  # "float" | "binary"
     id_map: str  # file name of the shard's id map
     factory: str = ""  # index_factory string actually used for this shard
-    search_params: Mapping[str, int] = dataclasses.field(default_factory=dict)  # nprobe / efSearch
+    search_params: Mapping[str, int] = dataclasses.field(default_factory=dict)  # nprobe / efSearch / rerank
     recall_at_10: float | None = None
+    vectors: str = ""  # file name of the shard's float16 vectors (rows via the id map's vector_row)
 
     def __post_init__(self) -> None:
         if self.kind not in SHARD_KINDS:
@@ -203,6 +240,9 @@ class Manifest:
     metrics: Mapping[str, Any]
     search_params: Mapping[str, int]  # {"nprobe": ..., "efSearch": ...}, the largest of any shard
     build_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    vectors: tuple[FileEntry, ...] = ()  # float16 vectors per shard, for re-ranking and two-stage search
+    index_choice: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # per modality: factories, why
+    build_stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # wall time, rows, passes, memory
     format: int = FORMAT_VERSION
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # unknown keys, kept on rewrite
 
@@ -211,9 +251,9 @@ class Manifest:
         return tuple(sorted({s.modality for s in self.shards}))
 
     def all_files(self) -> list[FileEntry]:
-        """Every file a loader must fetch and verify: shards, id maps, extra files."""
+        """Every file a loader must fetch and verify: shards, id maps, vectors, extra files."""
         shards = [FileEntry(s.file, s.sha256, s.bytes) for s in self.shards]
-        return shards + list(self.id_maps) + list(self.files)
+        return shards + list(self.id_maps) + list(self.vectors) + list(self.files)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -234,6 +274,9 @@ class Manifest:
             metrics=dict(self.metrics),
             search_params=dict(self.search_params),
             build_config=dict(self.build_config),
+            vectors=[f.to_dict() for f in self.vectors],
+            index_choice=dict(self.index_choice),
+            build_stats=dict(self.build_stats),
         )
         return out
 
@@ -251,6 +294,7 @@ class Manifest:
             shards = tuple(ShardEntry(**{k: v for k, v in s.items() if k in shard_fields}) for s in data["shards"])
             id_maps = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data["id_maps"])
             files = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("files", []))
+            vectors = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("vectors", []))
             return cls(
                 version=str(data["version"]),
                 created_at=str(data["created_at"]),
@@ -267,6 +311,9 @@ class Manifest:
                 metrics=dict(data.get("metrics", {})),
                 search_params=dict(data.get("search_params", {})),
                 build_config=dict(data.get("build_config", {})),
+                vectors=vectors,
+                index_choice=dict(data.get("index_choice", {})),
+                build_stats=dict(data.get("build_stats", {})),
                 format=int(data.get("format", FORMAT_VERSION)),
                 extra={k: v for k, v in data.items() if k not in known},
             )

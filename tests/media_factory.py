@@ -15,6 +15,8 @@ from __future__ import annotations
 import fractions
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import av
@@ -151,13 +153,11 @@ def make_png_declaring(path: str | os.PathLike, width: int, height: int) -> Path
     Only the IHDR chunk is rewritten; the pixel data stays that of a 1x1 image,
     so decoding it would fail, but a decoder that checks the size first never tries.
     """
-    import struct
-    import zlib
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     path = Path(path)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
-                               + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
     raw = zlib.compress(b"\x00\x00\x00\x00")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
     return path
