@@ -1,37 +1,46 @@
 """Sharded FAISS index versions built from embedding rows (SPEC 4.2, 4.4).
 
-``build_version`` reads the rows in a few streaming passes. Besides 10 bytes per
-row (segment id, modality) it holds one group of shards (about
-``max_shard_vectors`` vectors) and the training and recall samples in memory:
+``build_version`` reads the rows in a few streaming passes (pyarrow RecordBatches,
+never all vectors at once). Besides 10 bytes per row (segment id, modality) it
+holds the training and recall samples and the shards of one group in memory:
 
 1. scan: segment ids and modalities of every row (to dedupe and plan shards), and
    a seeded bottom-k sample per modality: held-out recall queries and training rows;
-2. train one float and one binary template per modality (factories from
-   ``choose_factories``);
-3. per group of shards, one pass adding vectors with their segment ids while
+2. choose the float and binary index per modality under ``memory_budget_bytes``
+   and the recall target (``index_choice``), and train one template of each on the
+   sample: every shard of the modality clones it (trained once);
+3. per group of shards (as many as the budget holds at once; one group when the
+   chooser sized the version), one pass adding vectors with their segment ids to
+   all shards of the group in parallel threads (faiss releases the GIL; a bounded
+   chunk per shard is buffered), writing each shard's float16 vectors to disk and
    computing exact top-10 neighbours of the recall queries chunk by chunk; then
-   tune nprobe / efSearch, measure recall@10 and write the shard files;
-4. upload every file through ``storage``, then ``manifest.json``, then LATEST.
+   tune nprobe / efSearch / nflip / rerank, measure recall@10 and write the files;
+4. upload every file through ``storage``, then ``manifest.json``, then (when
+   publishing) LATEST.
 
 Shards: one float and one binary index per modality, split into contiguous
-segment-id ranges when a modality holds more than ``max_shard_vectors`` rows.
+segment-id ranges when a modality holds more than ``max_shard_vectors`` rows. Each
+shard's float16 vectors (``*.vectors.npy``, rows located through the id map's
+``vector_row`` column) serve product-quantized re-ranking and two-stage search.
 Index ids are segment ids; a segment id seen twice is indexed once (its first row).
 The same rows in the same order give the same shard files (the seed fixes the samples).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import os
 import re
+import resource
 import shutil
+import sys
 import tempfile
 import time
 import types
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import faiss
 import numpy as np
@@ -43,20 +52,35 @@ from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
 from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.loader import apply_search_params, tunable_param
+from xmodal_index.sinks.index_choice import (  # noqa: F401 - choose_factories is re-exported
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    IndexChoice,
+    IndexChoiceError,
+    choose_factories,
+    choose_index,
+)
+from xmodal_index.sinks.loader import (
+    RERANK_PARAM,
+    StoredVectors,
+    apply_search_params,
+    rerank_search,
+    tunable_param,
+)
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("ip",)
 RECALL_K = 10
-FLAT_MAX_VECTORS = 50_000  # "auto": exact float search below this many vectors per shard
-BINARY_FLAT_MAX_VECTORS = 100_000  # "auto": exact Hamming search below this
-FLAT_CODES_MAX_BYTES = 1 << 30  # "auto": IVF with full float codes up to this size, else SQ8
-ADD_CHUNK_ROWS = 65_536
+ADD_CHUNK_ROWS = 65_536  # rows buffered per pass before they go to the shards' add threads
+MIN_CHUNK_ROWS = 4_096
 NPROBE_DEFAULT_DIVISOR = 16  # nprobe = nlist / 16 when nothing can be measured
 EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 EF_SEARCH_DEFAULT = 64
+NFLIP_MAX = 6
+NFLIP_DEFAULT = 2
+RERANK_CANDIDATES = (4, 16, 64)  # rerank * k candidates re-scored per shard of a product-quantized index
 _MODALITY_RE = re.compile(r"[a-z0-9_]+")
+_PQ_RE = re.compile(r"(^|,)PQ\d+")
 _RESERVED_NAMES = (mf.MANIFEST_NAME, mf.LATEST_NAME)
 _REQUIRED_COLUMNS = ("segment_id", "uri", "etag", "modality", "start_s", "end_s", "embedding", "hash_code")
 
@@ -75,13 +99,20 @@ class EmptyIndexError(IndexBuildError):
 
 @dataclasses.dataclass(frozen=True)
 class IndexBuildConfig:
-    """How shards are built, tuned and measured.
+    """How shards are chosen, built, tuned and measured.
 
-    float_factory / binary_factory: a faiss index_factory string, or "auto" (see
-    choose_factories). metric: "ip" (rows are L2-normalised: inner product = cosine).
+    float_factory / binary_factory: a faiss index_factory string, or "auto" (chosen
+    by ``index_choice.choose_index`` from the vector count, dimension, memory budget
+    and recall target). metric: "ip" (rows are L2-normalised: inner product = cosine).
+    memory_budget_bytes: RAM the loaded version may take on a query node (float and
+    binary indexes of all shards); also bounds the shards one build pass holds.
+    recall_target: recall@10 against exact search that tuning aims for.
     nprobe / ef_search: search parameters; 0 tunes them on the held-out queries to
     the smallest value reaching ``recall_target``. recall_sample: held-out queries
     per modality for recall@10; train_sample: training rows per modality.
+    store_vectors: keep a float16 copy of each shard's vectors (2 bytes x dim per
+    vector on disk) for re-ranking product-quantized shards and two-stage search.
+    add_threads: shards of one pass filled in parallel (0 = the CPU count).
     """
 
     float_factory: str = "auto"
@@ -94,6 +125,9 @@ class IndexBuildConfig:
     train_sample: int = 100_000
     seed: int = 0
     recall_target: float = 0.95
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    store_vectors: bool = True
+    add_threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.float_factory.strip():
@@ -114,30 +148,10 @@ class IndexBuildConfig:
             raise ValueError(f"{self.train_sample = } must be > 0")
         if not 0.0 < self.recall_target <= 1.0:
             raise ValueError(f"{self.recall_target = } must be in (0, 1]")
-
-
-def _nlist(n: int) -> int:
-    return max(1, int(round(4 * math.sqrt(n))))
-
-
-def choose_factories(n: int, dim: int, bits: int, config: IndexBuildConfig) -> tuple[str, str]:
-    """Factory strings for a shard of ``n`` vectors; explicit config strings win.
-
-    float: Flat below FLAT_MAX_VECTORS, else IVF(4*sqrt(n)) with Flat codes while
-    they fit FLAT_CODES_MAX_BYTES, else SQ8 codes. binary: BFlat below
-    BINARY_FLAT_MAX_VECTORS, else BIVF(4*sqrt(n)).
-    """
-    float_factory = config.float_factory
-    if float_factory == "auto":
-        if n < FLAT_MAX_VECTORS:
-            float_factory = "Flat"
-        else:
-            codes = "Flat" if n * dim * 4 <= FLAT_CODES_MAX_BYTES else "SQ8"
-            float_factory = f"IVF{_nlist(n)},{codes}"
-    binary_factory = config.binary_factory
-    if binary_factory == "auto":
-        binary_factory = "BFlat" if n < BINARY_FLAT_MAX_VECTORS else f"BIVF{_nlist(n)}"
-    return float_factory, binary_factory
+        if self.memory_budget_bytes <= 0:
+            raise ValueError(f"{self.memory_budget_bytes = } must be > 0 (bytes)")
+        if self.add_threads < 0:
+            raise ValueError(f"{self.add_threads = } must be >= 0 (0 = the CPU count)")
 
 
 # ---------------------------------------------------------------- progress

@@ -325,6 +325,7 @@ def test_serve_keeps_answering_while_a_new_version_is_swapped_in(built, tmp_path
             assert wait_for(lambda: request(srv, "GET", "/healthz")[1]["version"] == "v000002", 20 * poll_s + 10)
             _, health, _ = request(srv, "GET", "/healthz")
             assert health["model_id"].startswith("builtin-untrained-seed1@")
+            assert handle.current.extra.model_id == health["model_id"]  # queries embed with the new encoder
             queries_after_swap = len(statuses)
             assert wait_for(lambda: len(statuses) > queries_after_swap + 2, 10)
 
