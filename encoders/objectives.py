@@ -182,3 +182,19 @@ def linear_gcca(views: list[np.ndarray], dim: int, reg: float = 1e-3) -> GccaFit
     if g.shape[1] < dim:
         weights = [np.pad(w, ((0, 0), (0, dim - w.shape[1]))) for w in weights]
     return GccaFit([w.astype(np.float32) for w in weights], [m.astype(np.float32) for m in means], eig)
+
+
+def itq_rotation(z: np.ndarray, iterations: int = 50, seed: int = 0) -> np.ndarray:
+    """Iterative quantisation (Gong & Lazebnik 2011): orthogonal R so that sign(z @ R) loses least.
+
+    ``z`` (N, K) is centred data; returns R (K, K).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    k = z.shape[1]
+    r, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((k, k)))
+    for _ in range(iterations):
+        b = np.sign(z @ r)
+        b[b == 0] = 1.0
+        u, _, vt = np.linalg.svd(z.T @ b)
+        r = u @ vt
+    return r

@@ -35,6 +35,7 @@ from xmodal_index.encoders.objectives import (
     contrastive_loss,
     dcca_loss,
     hashing_loss,
+    itq_rotation,
     linear_gcca,
     triplet_loss,
 )
@@ -344,8 +345,14 @@ def fit_linear_cca(data: TrainingSet, config: TrainConfig) -> CrossModalNet:
     if data.texts:
         wt, bt = project(fit.weights[2], fit.means[2])
         state["text.bag.weight"], state["text.bias"] = wt.contiguous(), bt
+    # hash heads: CCA-ITQ (Gong et al. 2013), a rotation of the leading weighted components
+    shared = np.concatenate([(v - m) @ (w * scale[None, :]) for v, m, w in zip(views, fit.means, fit.weights)])
     for bits in mc.bits:
-        state[f"heads.{bits}.weight"] = torch.eye(bits, config.dim)
+        k = min(bits, n_shared)
+        rotation = itq_rotation(shared[:, :k], seed=config.seed)
+        head = np.zeros((bits, config.dim), dtype=np.float32)
+        head[:k, :k] = rotation.T
+        state[f"heads.{bits}.weight"] = torch.from_numpy(head)
         state[f"heads.{bits}.bias"] = torch.zeros(bits)
     net.load_state_dict(state)
     return net

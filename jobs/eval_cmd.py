@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from xmodal_index.encoders.evaluation import (
 )
 from xmodal_index.encoders.objectives import OBJECTIVES
 from xmodal_index.encoders.training import TrainConfig, TrainingError, train_model
+from xmodal_index.jobs.train_cmd import command_line
 from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd
 
 logger = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def eval_cmd(fsdd, digits, checkpoint, methods, folds, quick, epochs, bits, imag
         "folds": held_out,
         "results": {label: {"mean": means[label], "per_fold": per_fold[label],
                             "train_seconds": [round(s, 1) for s in train_seconds[label]]} for label in per_fold},
-        "command": shlex.join(["xmodal-index"] + sys.argv[1:]) if sys.argv and "xmodal" in sys.argv[0] else None,
+        "command": command_line("eval", click.get_current_context().params),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "wall_s": round(time.perf_counter() - started, 1),
     }

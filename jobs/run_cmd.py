@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
+import re
 import sys
 
 import click
 
 from xmodal_index.jobs.config import ConfigError, load_config
-from xmodal_index.jobs.run_job import EXIT_ERROR, RunRequest, RunSummary, execute
+from xmodal_index.jobs.run_job import (
+    EXIT_ERROR,
+    EXIT_LEASE_HELD,
+    RunRequest,
+    RunSummary,
+    Selection,
+    execute,
+)
+from xmodal_index.sinks.lease import LeaseConfig, LeaseHeldError
+from xmodal_index.sinks.storage import S3Config, configure_s3
 
 logger = logging.getLogger(__name__)
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: datetime.datetime | None = None) -> datetime.datetime:
+    """An ISO 8601 date or date-time (UTC unless it names an offset; a trailing Z is
+    accepted), or an age such as 36h, 7d, 2w (that long before ``now``)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    text = text.strip()
+    match = _RELATIVE.fullmatch(text)
+    if match:
+        return now - datetime.timedelta(seconds=float(match.group(1)) * _UNITS_S[match.group(2)])
+    iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    try:
+        value = datetime.datetime.fromisoformat(iso)
+    except ValueError as err:
+        raise ValueError(f"{text!r} is neither an ISO 8601 date/time (2024-05-01, 2024-05-01T06:00:00Z) "
+                         "nor an age like 36h, 7d, 2w") from err
+    return value if value.tzinfo is not None else value.replace(tzinfo=datetime.timezone.utc)
 
 
 def one_line(err: BaseException) -> str:
@@ -26,14 +58,43 @@ def print_summary(s: RunSummary) -> None:
     click.echo(f"run {s.run_id}  ({s.wall_s:.1f} s)")
     click.echo(f"  inputs   {s.inputs_total:>7}  = indexed {s.indexed} + unchanged {s.unchanged} + failed {s.failed}")
     click.echo(f"  deleted  {s.deleted:>7}")
+    if s.prefix or s.since or s.until:
+        click.echo(f"  range    prefix {s.prefix or '-'!r}, modified in [{s.since or '-'}, {s.until or '-'}), "
+                   f"{s.skipped_by_range} listed inputs outside it")
     if s.failed_by_stage:
         click.echo("  failures by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(s.failed_by_stage.items())))
     click.echo(f"  segments {s.segments:>7}  rows written {s.rows_written}")
     click.echo(f"  model    {s.model_id}")
     click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  version {s.index_version or '-'}: {s.index_note}")
     click.echo(f"  summary  {s.workdir.rstrip('/')}/runs/{s.run_id}/summary.json")
-    if s.failed:
-        click.echo(f"  dead letters: {s.workdir.rstrip('/')}/deadletter/run_id={s.run_id}/")
+    if s.deadletters:
+        click.echo(f"  dead letters: {s.deadletters}/")
+
+
+def _s3_settings(endpoint_url: str | None, region: str | None, profile: str | None) -> None:
+    if not (endpoint_url or region or profile):
+        return
+    try:
+        base = S3Config.from_env()
+        changes = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile)) if v}
+        configure_s3(dataclasses.replace(base, **changes))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--s3-endpoint-url/--s3-region/--s3-profile") from err
+
+
+def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    bounds = {}
+    for name, text in (("since", since), ("until", until)):
+        if text is not None:
+            try:
+                bounds[name] = parse_time(text, now)
+            except ValueError as err:
+                raise click.BadParameter(str(err), param_hint=f"--{name}") from err
+    try:
+        return Selection(prefix=prefix, **bounds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--prefix/--since/--until") from err
 
 
 @click.command(context_settings={"ignore_unknown_options": False, "show_default": True})
@@ -43,23 +104,46 @@ def print_summary(s: RunSummary) -> None:
               help="TOML or JSON job config with [source] [decode] [encoder] [index] [run] tables (default: built-in defaults).")
 @click.option("--index-name", default="main", help="Index to publish under WORKDIR/indexes/NAME.")
 @click.option("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
-@click.option("--full", is_flag=True, help="Reprocess every input, even those the ledger says are unchanged.")
+@click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")
+@click.option("--prefix", default="", show_default="whole source",
+              help="Backfill only objects whose path relative to --source starts with this (e.g. videos/2024/). "
+                   "Only objects under it can be marked deleted.")
+@click.option("--since", default=None, show_default="no lower bound",
+              help="Only objects last modified at or after this UTC time: 2024-05-01, 2024-05-01T06:00:00Z, or an age like 36h, 7d.")
+@click.option("--until", default=None, show_default="no upper bound",
+              help="Only objects last modified before this UTC time (same forms as --since).")
 @click.option("--segment-s", type=float, default=None, help="Override [decode] segment_s: segment length in seconds (default: from config, 2.0).")
 @click.option("--max-error-fraction", type=float, default=None,
               help="Override [run] max_error_fraction: fail (exit 3, nothing published) above this fraction of failed items (default: from config, 0.1).")
+@click.option("--wait-for-lease", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds to wait while another run holds the workdir lease (0: exit 4 at once).")
+@click.option("--lease-ttl", type=click.FloatRange(min=1), default=LeaseConfig.ttl_s,
+              help="Seconds after which the lease of a run that stopped renewing it may be taken over (renewed every ttl/4).")
+@click.option("--summary-out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the run's summary.json to this local file (written on failures too).")
+@click.option("--s3-endpoint-url", default=None, show_default="AWS_ENDPOINT_URL or AWS",
+              help="S3-compatible endpoint (MinIO, Ceph), e.g. http://minio:9000; same as XMODAL_S3_ENDPOINT_URL.")
+@click.option("--s3-region", default=None, show_default="AWS_REGION / profile", help="S3 region; same as XMODAL_S3_REGION.")
+@click.option("--s3-profile", default=None, show_default="AWS_PROFILE",
+              help="Profile of the shared AWS config files to take settings and credentials from.")
 @click.option("--progress/--no-progress", default=None, help="Live progress line on stderr (default: only when stderr is a terminal).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(source, workdir, config_path, index_name, runner, full, retry_failed, segment_s, max_error_fraction, progress,
+def run(source, workdir, config_path, index_name, runner, full, retry_failed, prefix, since, until, segment_s,
+        max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
         beam_args):
     """Index the archive at SOURCE into WORKDIR and publish a new index version.
 
-    Extra arguments after `--` go to Beam's PipelineOptions untouched, e.g.
-    `-- --direct_num_workers=4 --direct_running_mode=multi_processing`.
+    Only inputs that are new or changed (etag or size), or that were embedded by
+    another model, are processed; inputs gone from the source are marked deleted
+    and leave the next index version. Extra arguments after `--` go to Beam's
+    PipelineOptions untouched, e.g. `-- --direct_num_workers=4 --direct_running_mode=multi_processing`.
 
     Exit codes: 0 the run completed (bad inputs are dead-lettered, not fatal);
     1 the run could not complete (bad config, unreachable storage, ...);
-    3 more than max_error_fraction of the inputs failed (no version published).
+    2 bad command-line usage;
+    3 more than max_error_fraction of the inputs failed (no version published);
+    4 another run holds the workdir lease (nothing done).
     """
     try:
         cfg = load_config(config_path)
@@ -72,11 +156,19 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, se
     bad_args = [a for a in beam_args if not a.startswith("--")]
     if bad_args:
         raise click.BadParameter(f"Beam arguments must look like --name=value, got {bad_args[0]!r}", param_hint="BEAM_ARGS")
+    selection = _selection(prefix, since, until)
+    _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     show = sys.stderr.isatty() if progress is None else progress
     req = RunRequest(source=source, workdir=workdir, config=cfg, index_name=index_name, runner=runner,
-                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, show_progress=show)
+                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, show_progress=show,
+                     selection=selection, lease=LeaseConfig(ttl_s=lease_ttl, wait_s=wait_for_lease),
+                     summary_out=summary_out)
     try:
         summary = execute(req, echo=lambda m: click.echo(m, err=True))
+    except LeaseHeldError as err:
+        hint = "" if wait_for_lease else " (--wait-for-lease SECONDS waits for it)"
+        click.echo(f"xmodal-index run: {one_line(err)}{hint}", err=True)
+        sys.exit(EXIT_LEASE_HELD)
     except Exception as err:  # noqa: BLE001 - one-line reason, non-zero exit
         logger.debug("run failed", exc_info=True)
         click.echo(f"xmodal-index run: error: {one_line(err)} (-vv shows the traceback)", err=True)

@@ -1,7 +1,23 @@
-"""The `run` job: list -> diff with the ledger -> Beam DAG -> ledger -> index version -> summary."""
+"""The `run` job: lease -> list -> diff with the ledger -> Beam DAG -> ledger -> index version -> summary.
+
+Commit order (what makes a crash at any point safe to rerun):
+
+1. the DAG writes Parquet parts under ``embeddings/run_id=RUN/`` (Beam writes them
+   under temporary names and renames them when the write commits);
+2. the ledger snapshot is written, then ``ledger/CURRENT`` points at it: from here
+   on the run's rows are live; before it, nothing refers to them;
+3. the index version is uploaded (shards, id maps, then manifest.json); the publish
+   step points ``indexes/NAME/LATEST`` at it, then ``ledger/PUBLISHED`` records it.
+
+A rerun after a crash before 2 processes the same work again under a new run id
+(the crashed run's parts stay unreferenced); after 2 it builds the version from the
+committed ledger; after the manifest it publishes the version already uploaded.
+The whole run holds the workdir lease (sinks/lease.py), renewed before each commit.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -30,21 +46,24 @@ from xmodal_index.pipeline.dag import (
     outcomes_prefix,
     read_worklist,
 )
-from xmodal_index.pipeline.listing import list_items
+from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work
 from xmodal_index.pipeline.types import MediaItem
+from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError
 from xmodal_index.sinks.embeddings_io import batch_reader
-from xmodal_index.sinks.index_build import build_version
+from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
+from xmodal_index.sinks.index_build import build_version, publish_version
+from xmodal_index.sinks.lease import Lease, LeaseConfig, LeaseInfo, lease_uri
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
     ledger_snapshot_name,
+    live_keys,
     mark_published,
     published_snapshot_name,
     read_ledger,
+    snapshot_name,
     write_ledger,
 )
-from xmodal_index.sinks.manifest import read_latest
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -52,6 +71,16 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_TOO_MANY_FAILURES = 3
+EXIT_LEASE_HELD = 4
+
+__all__ = ["RunRequest", "RunSummary", "Selection", "execute", "list_selection", "new_run_id", "plan_work"]
+
+# Test hook: XMODAL_CRASH_AT=<point> ends the process with os._exit(CRASH_EXIT_CODE) at
+# that point, as a kill would (no cleanup, lease left behind). Used by the resume tests.
+CRASH_ENV = "XMODAL_CRASH_AT"
+CRASH_EXIT_CODE = 86
+CRASH_POINTS = ("during_decode", "during_write", "after_dag", "after_ledger", "during_upload", "before_publish",
+                "after_publish")
 
 
 @dataclasses.dataclass
@@ -77,6 +106,13 @@ class RunSummary:
     wall_s: float = 0.0
     exit_code: int = EXIT_OK
     started_at: str = ""
+    prefix: str = ""
+    since: str | None = None
+    until: str | None = None
+    skipped_by_range: int = 0  # listed under the prefix but modified outside [since, until)
+    deadletters: str | None = None  # where this run's dead-letter rows are (when failed > 0)
+    error: str = ""  # one line, when the run could not complete (exit_code 1)
+    completes_run: str | None = None  # an earlier run whose committed changes were not yet published
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +126,9 @@ class RunRequest:
     full: bool = False
     retry_failed: bool = False
     show_progress: bool = False
+    selection: Selection = Selection()
+    lease: LeaseConfig = LeaseConfig()
+    summary_out: str | None = None  # also write summary.json to this local path
 
 
 def new_run_id() -> str:
@@ -98,26 +137,7 @@ def new_run_id() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_id: str, full: bool,
-              retry_failed: bool) -> tuple[list[MediaItem], list[LedgerEntry], list[LedgerEntry]]:
-    """Split listed items into (to process, unchanged ledger entries, deleted ledger entries)."""
-    todo, unchanged = [], []
-    listed = set()
-    for item in items:
-        listed.add(item.uri)
-        prev = ledger.get(item.uri)
-        same = prev is not None and prev.etag == item.etag and prev.state != "deleted"
-        if not full and same and (prev.state == "failed" and not retry_failed or
-                                  prev.state == "indexed" and prev.model_id == model_id):
-            unchanged.append(prev)
-        else:
-            todo.append(item)
-    deleted = [
-        dataclasses.replace(e, state="deleted", segments=0)
-        for uri, e in ledger.items()
-        if uri not in listed and e.state != "deleted"
-    ]
-    return todo, unchanged, deleted
+# ---------------------------------------------------------------- DAG outputs
 
 
 def _list_parts(prefix: str, suffix: str) -> list[str]:
@@ -161,9 +181,11 @@ def _beam_options(req: RunRequest, run_id: str):
         args.append("--job_name=xmodal-index-" + run_id.lower().replace("_", "-"))
     extra = {}
     if storage.is_s3(req.workdir) or storage.is_s3(req.source):
-        from xmodal_index.sinks.storage import beam_s3_options
-
-        extra = {k: v for k, v in beam_s3_options().items() if f"--{k}" not in flags}
+        s3_config = storage.active_config()
+        # Beam's own S3 client takes its retry policy from the environment only
+        os.environ.setdefault("AWS_MAX_ATTEMPTS", str(s3_config.max_attempts))
+        os.environ.setdefault("AWS_RETRY_MODE", s3_config.retry_mode)
+        extra = {k: v for k, v in storage.beam_s3_options().items() if f"--{k}" not in flags}
     return PipelineOptions(args, **extra)
 
 
@@ -208,7 +230,7 @@ def run_dag(req: RunRequest, run_id: str, todo: Sequence[MediaItem], dim: int, b
     worklist = storage.join(req.workdir, "runs", run_id, "worklist.jsonl")
     storage.write_bytes(worklist, "".join(item_to_json(i) + "\n" for i in todo).encode())
     cfg = req.config
-    with _ProgressLine(len(todo), req.show_progress):
+    with _ProgressLine(len(todo), req.show_progress), _dag_crash_points(embeddings_prefix(req.workdir, run_id)):
         with beam.Pipeline(options=_beam_options(req, run_id)) as p:
             items = read_worklist(p, worklist)
             items | "IndexArchive" >> IndexArchive(req.workdir, run_id, cfg.decode, cfg.encoder, dim, bits,
@@ -235,12 +257,75 @@ def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
     storage.write_bytes(storage.join(deadletter_prefix(workdir, run_id), "part-lost.parquet"), buf.getvalue())
 
 
+def _count_rows(workdir: str, run_id: str) -> int:
+    total = 0
+    for uri in _list_parts(embeddings_prefix(workdir, run_id), ".parquet"):
+        with storage.open_read(uri) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
 def live_batches(workdir: str, ledger: dict[str, LedgerEntry], model_id: str) -> Callable[[], Iterator[pa.RecordBatch]]:
-    """Rows of every indexed ledger entry, read (streamed) from the run that wrote them."""
-    live = [e for e in ledger.values() if e.state == "indexed"]
-    runs = sorted({e.run_id for e in live})
-    files = [f for r in runs for f in _list_parts(embeddings_prefix(workdir, r), ".parquet")]
-    return batch_reader(files, uri_etags=[(e.uri, e.etag) for e in live], model_id=model_id)
+    """The live rows: for each indexed ledger entry, the rows of its (uri, etag) in the
+    parts of the run the entry names, encoded by ``model_id`` (read streaming, run by run)."""
+    by_run: dict[str, list[tuple[str, str]]] = {}
+    for e in ledger.values():
+        if e.state == "indexed":
+            by_run.setdefault(e.run_id, []).append((e.uri, e.etag))
+    readers = [
+        batch_reader(_list_parts(embeddings_prefix(workdir, run), ".parquet"), uri_etags=pairs, model_id=model_id)
+        for run, pairs in sorted(by_run.items())
+    ]
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for read in readers:
+            yield from read()
+
+    return batches
+
+
+# ---------------------------------------------------------------- crash points (tests)
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        logger.error("%s=%s: ending the process here", CRASH_ENV, name)
+        sys.stderr.flush()
+        os._exit(CRASH_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def _dag_crash_points(embeddings_uri: str) -> Iterator[None]:
+    """While the DAG runs: during_decode crashes once the first item is decoded,
+    during_write once the first embeddings file (temporary or final) exists."""
+    point = os.environ.get(CRASH_ENV)
+    if point not in ("during_decode", "during_write"):
+        yield
+        return
+    stop = threading.Event()
+
+    def has_file() -> bool:
+        try:
+            return next(iter(storage.list_objects(embeddings_uri)), None) is not None
+        except ObjectNotFoundError:
+            return False
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            s = progress.snapshot()
+            if point == "during_decode" and s["items_done"] + s["items_failed"] > 0 or point == "during_write" and has_file():
+                _crash_point(point)
+
+    thread = threading.Thread(target=watch, name="crash-point", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------- index versions
 
 
 def _encoder_files(encoder, cfg: RunConfig, tmpdir: str) -> dict[str, str]:
@@ -258,96 +343,206 @@ def _encoder_files(encoder, cfg: RunConfig, tmpdir: str) -> dict[str, str]:
     return files
 
 
+def _built_from(manifest: mf.Manifest) -> str | None:
+    return (manifest.metrics or {}).get("ledger_snapshot")
+
+
+def _reconcile_published(workdir: str, index_root: str) -> None:
+    """A run that crashed between writing LATEST and ledger/PUBLISHED left the index
+    published: record it, so the rerun does not build the same version again."""
+    current = ledger_snapshot_name(workdir)
+    if current is None or current == published_snapshot_name(workdir):
+        return
+    latest = mf.read_latest(index_root)
+    if latest is not None and _built_from(mf.read_manifest(index_root, latest)) == current:
+        mark_published(workdir, current)
+
+
+def _uploaded_version(index_root: str, snapshot: str, model_id: str) -> mf.Manifest | None:
+    """A complete, unpublished version newer than LATEST built from ``snapshot`` (a
+    run that crashed before publishing it): publishing it finishes that run's work."""
+    latest = mf.read_latest(index_root)
+    floor = mf.version_number(latest) if latest else 0
+    for version in reversed(mf.list_versions(index_root)):
+        if mf.version_number(version) <= floor:
+            break
+        manifest = mf.read_manifest(index_root, version)
+        if _built_from(manifest) == snapshot and manifest.model_id == model_id:
+            return manifest
+    return None
+
+
+def _publish(workdir: str, index_root: str, manifest: mf.Manifest, snapshot_uri: str, lease: Lease) -> None:
+    """THE PUBLISH STEP: the only place where a new version becomes visible.
+
+    LATEST is written (after the lease is confirmed), then ledger/PUBLISHED.
+    """
+    _crash_point("before_publish")
+    lease.confirm()
+    publish_version(index_root, manifest.version)
+    _crash_point("after_publish")
+    mark_published(workdir, snapshot_uri)
+
+
+def _upload_progress(stage: str, done: int, total: int) -> None:
+    if stage == "upload" and done == 1:
+        _crash_point("during_upload")
+
+
+# ---------------------------------------------------------------- the job
+
+
 def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> RunSummary:
-    """Run the whole job; returns the summary (also written to runs/RUN_ID/summary.json)."""
+    """Run the whole job under the workdir lease; returns the summary (also written to
+    runs/RUN_ID/summary.json, and to ``req.summary_out`` when set).
+
+    Raises LeaseHeldError when another run holds the workdir (nothing is written);
+    any other error is raised after a summary with ``error`` set was written.
+    """
     t0 = time.monotonic()
     run_id = new_run_id()
+    sel = req.selection
     summary = RunSummary(run_id=run_id, source=req.source, workdir=req.workdir, index_name=req.index_name,
-                         started_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    cfg = req.config
-    run_dir = storage.join(req.workdir, "runs", run_id)
-    storage.write_bytes(storage.join(run_dir, "config.json"), json.dumps(
-        {"source": req.source, "workdir": req.workdir, "index_name": req.index_name, "runner": req.runner,
-         "beam_args": list(req.beam_args), "full": req.full, "retry_failed": req.retry_failed,
-         **cfg.to_dict()}, indent=2, default=str).encode())
+                         started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), prefix=sel.prefix,
+                         since=sel.since.isoformat() if sel.since else None,
+                         until=sel.until.isoformat() if sel.until else None)
+    lease = Lease(lease_uri(req.workdir), run_id, req.lease,
+                  holder=f"xmodal-index run --source {req.source} --index-name {req.index_name}")
 
-    encoder = load_encoder(cfg.encoder)
-    summary.model_id = encoder.model_id
-    items = list_items(req.source, cfg.source)
-    ledger = read_ledger(req.workdir)
-    unpublished = ledger_snapshot_name(req.workdir) != published_snapshot_name(req.workdir)
-    todo, unchanged, deleted = plan_work(items, ledger, encoder.model_id, req.full, req.retry_failed)
-    summary.inputs_total = len(items)
-    summary.unchanged = len(unchanged)
-    summary.deleted = len(deleted)
-    echo(f"run {run_id}: {len(items)} inputs, {len(todo)} to process, {len(unchanged)} unchanged, {len(deleted)} deleted")
+    def waiting(info: LeaseInfo) -> None:
+        echo(f"waiting up to {req.lease.wait_s:g} s for the workdir lease held by {info.describe()}")
 
-    new_entries: dict[str, LedgerEntry] = {e.uri: e for e in unchanged}
-    new_entries.update({e.uri: e for e in deleted})
-    if todo:
-        run_dag(req, run_id, todo, encoder.dim, encoder.bits)
-        dead = read_deadletters(req.workdir, run_id)
-        outcomes = _outcomes(req.workdir, run_id)
-        dead_uris: dict[str, str] = {}
-        for d in dead:
-            dead_uris.setdefault(d["uri"], d["stage"])
-        lost = [i for i in todo if i.uri not in outcomes and i.uri not in dead_uris]
-        if lost:
-            _write_lost(req.workdir, run_id, lost)
-            dead_uris.update({i.uri: "pipeline" for i in lost})
-        for item in todo:
-            if item.uri in dead_uris:
-                stage = dead_uris[item.uri]
-                summary.failed += 1
-                summary.failed_by_stage[stage] = summary.failed_by_stage.get(stage, 0) + 1
-                new_entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "failed", 0,
-                                                    encoder.model_id, run_id)
-            else:
-                n = outcomes[item.uri]["segments"]
-                summary.indexed += 1
-                summary.segments += n
-                new_entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "indexed", n,
-                                                    encoder.model_id, run_id)
-    summary.rows_written = _count_rows(req.workdir, run_id) if todo else 0
-    snapshot = write_ledger(req.workdir, run_id, new_entries.values())
-
-    processed = len(todo)
-    too_many = processed > 0 and summary.failed / processed > cfg.run.max_error_fraction
-    index_root = storage.join(req.workdir, "indexes", req.index_name)
-    latest = read_latest(index_root)
-    dropped = sum(1 for e in deleted if ledger[e.uri].state == "indexed")
-    changed = summary.indexed > 0 or dropped > 0 or latest is None or unpublished
-    if too_many:
-        summary.exit_code = EXIT_TOO_MANY_FAILURES
-        summary.index_version = latest
-        summary.index_note = (f"not published: {summary.failed}/{processed} items failed, over "
-                              f"max_error_fraction {cfg.run.max_error_fraction}")
-    elif not changed:
-        summary.index_version = latest
-        summary.index_note = "nothing changed: LATEST stays"
-    elif not any(e.state == "indexed" for e in new_entries.values()):
-        summary.index_version = latest
-        summary.index_note = "no indexed items: no version built"
-    else:
-        echo("building index version ...")
-        with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
-            manifest = build_version(
-                live_batches(req.workdir, new_entries, encoder.model_id), index_root, model_id=encoder.model_id, dim=encoder.dim,
-                bits=encoder.bits, config=cfg.index, extra_files=_encoder_files(encoder, cfg, tmp),
-                metrics_extra={"run_id": run_id}, publish=True,
-            )
-        mark_published(req.workdir, snapshot)
-        summary.index_version = manifest.version
-        summary.index_published = True
-        summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors)"
-    summary.wall_s = round(time.monotonic() - t0, 3)
-    storage.write_bytes(storage.join(run_dir, "summary.json"), json.dumps(dataclasses.asdict(summary), indent=2).encode())
+    lease.acquire(on_wait=waiting)
+    try:
+        _run_locked(req, summary, lease, echo)
+    except Exception as err:
+        summary.exit_code = EXIT_ERROR
+        summary.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000]
+        _finish(req, summary, t0, best_effort=True)
+        raise
+    finally:
+        lease.release()
+    _finish(req, summary, t0)
     return summary
 
 
-def _count_rows(workdir: str, run_id: str) -> int:
-    total = 0
-    for uri in _list_parts(embeddings_prefix(workdir, run_id), ".parquet"):
-        with storage.open_read(uri) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
+def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool = False) -> None:
+    summary.wall_s = round(time.monotonic() - t0, 3)
+    data = json.dumps(dataclasses.asdict(summary), indent=2).encode()
+    targets = [lambda: storage.write_bytes(storage.join(req.workdir, "runs", summary.run_id, "summary.json"), data)]
+    if req.summary_out:
+        targets.append(lambda: storage.write_bytes(req.summary_out, data))
+    for write in targets:
+        try:
+            write()
+        except SinkError as err:
+            if not best_effort:
+                raise
+            logger.warning("could not write the run summary: %s", err)
+
+
+def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callable[[str], None]) -> None:
+    cfg = req.config
+    run_id = summary.run_id
+    sel = req.selection
+    storage.write_bytes(storage.join(req.workdir, "runs", run_id, "config.json"), json.dumps(
+        {"source": req.source, "workdir": req.workdir, "index_name": req.index_name, "runner": req.runner,
+         "beam_args": list(req.beam_args), "full": req.full, "retry_failed": req.retry_failed,
+         "selection": {"prefix": sel.prefix, "since": summary.since, "until": summary.until},
+         "lease": dataclasses.asdict(req.lease), **cfg.to_dict()}, indent=2, default=str).encode())
+
+    encoder = load_encoder(cfg.encoder)
+    summary.model_id = encoder.model_id
+    listing = list_selection(req.source, cfg.source, sel)
+    index_root = storage.join(req.workdir, "indexes", req.index_name)
+    _reconcile_published(req.workdir, index_root)
+    ledger = read_ledger(req.workdir)
+    current = ledger_snapshot_name(req.workdir)
+    unpublished = current != published_snapshot_name(req.workdir)
+    if unpublished and current is not None:
+        summary.completes_run = current.removeprefix("ledger-").removesuffix(".parquet")
+    todo, unchanged, deleted = plan_work(listing.items, ledger, encoder.model_id, req.full, req.retry_failed,
+                                         listed=listing.listed, in_scope=lambda uri: uri.startswith(listing.scope))
+    summary.inputs_total = len(listing.items)
+    summary.unchanged = len(unchanged)
+    summary.deleted = len(deleted)
+    summary.skipped_by_range = listing.skipped_by_range
+    outside = f", {listing.skipped_by_range} outside the time range" if listing.skipped_by_range else ""
+    echo(f"run {run_id}: {len(listing.items)} inputs, {len(todo)} to process, {len(unchanged)} unchanged, "
+         f"{len(deleted)} deleted{outside}")
+
+    # entries this run does not look at (outside the prefix or the time range) carry over
+    new_entries: dict[str, LedgerEntry] = {u: e for u, e in ledger.items() if e.state != "deleted"}
+    new_entries.update({e.uri: e for e in unchanged})
+    new_entries.update({e.uri: e for e in deleted})
+    if todo:
+        run_dag(req, run_id, todo, encoder.dim, encoder.bits)
+        _crash_point("after_dag")
+        _record_outcomes(req.workdir, run_id, todo, encoder.model_id, summary, new_entries)
+        summary.rows_written = _count_rows(req.workdir, run_id)
+    if summary.failed:
+        summary.deadletters = deadletter_prefix(req.workdir, run_id)
+
+    lease.confirm()
+    snapshot = write_ledger(req.workdir, run_id, new_entries.values())
+    _crash_point("after_ledger")
+
+    processed = len(todo)
+    latest = mf.read_latest(index_root)
+    changed = unpublished or latest is None or live_keys(ledger.values()) != live_keys(new_entries.values())
+    other_model = sum(1 for e in new_entries.values() if e.state == "indexed" and e.model_id != encoder.model_id)
+    summary.index_version = latest
+    if processed > 0 and summary.failed / processed > cfg.run.max_error_fraction:
+        summary.exit_code = EXIT_TOO_MANY_FAILURES
+        summary.index_note = (f"not published: {summary.failed}/{processed} items failed, over "
+                              f"max_error_fraction {cfg.run.max_error_fraction}")
+    elif not changed:
+        summary.index_note = "nothing changed: LATEST stays"
+    elif not any(e.state == "indexed" for e in new_entries.values()):
+        summary.index_note = "no indexed items: no version built"
+    elif other_model:
+        summary.index_note = (f"not published: {other_model} indexed inputs were embedded with another model than "
+                              f"{encoder.model_id}; a run over them (without --prefix/--since/--until) re-embeds them")
+    else:
+        manifest = _uploaded_version(index_root, snapshot_name(snapshot), encoder.model_id)
+        if manifest is None:
+            echo("building index version ...")
+            with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
+                manifest = build_version(
+                    live_batches(req.workdir, new_entries, encoder.model_id), index_root, model_id=encoder.model_id,
+                    dim=encoder.dim, bits=encoder.bits, config=cfg.index,
+                    extra_files=_encoder_files(encoder, cfg, tmp),
+                    metrics_extra={"run_id": run_id, "ledger_snapshot": snapshot_name(snapshot)},
+                    publish=False, progress=_upload_progress,
+                )
+        else:
+            echo(f"publishing {manifest.version}, uploaded by an earlier run that stopped before publishing it")
+        _publish(req.workdir, index_root, manifest, snapshot, lease)
+        summary.index_version = manifest.version
+        summary.index_published = True
+        summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors)"
+
+
+def _record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,
+                     entries: dict[str, LedgerEntry]) -> None:
+    """Turn the DAG's outcomes and dead letters into ledger entries and summary counts."""
+    dead = read_deadletters(workdir, run_id)
+    outcomes = _outcomes(workdir, run_id)
+    dead_uris: dict[str, str] = {}
+    for d in dead:
+        dead_uris.setdefault(d["uri"], d["stage"])
+    lost = [i for i in todo if i.uri not in outcomes and i.uri not in dead_uris]
+    if lost:
+        _write_lost(workdir, run_id, lost)
+        dead_uris.update({i.uri: "pipeline" for i in lost})
+    for item in todo:
+        if item.uri in dead_uris:
+            stage = dead_uris[item.uri]
+            summary.failed += 1
+            summary.failed_by_stage[stage] = summary.failed_by_stage.get(stage, 0) + 1
+            entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "failed", 0, model_id, run_id)
+        else:
+            n = outcomes[item.uri]["segments"]
+            summary.indexed += 1
+            summary.segments += n
+            entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "indexed", n, model_id, run_id)

@@ -63,6 +63,9 @@ def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_k, request
     except SinkError as err:
         click.echo(f"xmodal-index serve: error: {err}", err=True)
         sys.exit(EXIT_ERROR)
+    except Exception as err:  # noqa: BLE001 - an unreadable pinned version ends in one line
+        click.echo(f"xmodal-index serve: error: {type(err).__name__}: {err}", err=True)
+        sys.exit(EXIT_ERROR)
     try:
         server = QueryServer(handle, server_config)
     except OSError as err:

@@ -28,7 +28,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from xmodal_index.jobs.query_support import RequestError, parse_request, run_query
+from xmodal_index.jobs.query_support import QueryRequest, RequestError, parse_request, run_query
 from xmodal_index.sinks.hot_swap import IndexHandle, NoServableVersionError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class QueryServer:
         self.config = config or ServerConfig()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.threads,
                                                               thread_name_prefix="query")
-        self._httpd = _HTTPServer((self.config.host, self.config.port), _Handler)
+        server_class = _HTTPServer6 if ":" in self.config.host else _HTTPServer
+        self._httpd = server_class((self.config.host, self.config.port), _Handler)
         self._httpd.app = self
         self._thread: threading.Thread | None = None
 
@@ -120,6 +121,8 @@ class QueryServer:
             body["refused"] = dict(st.refused)
         if st.version is None:
             return 503, {"status": "unavailable", "error": st.last_error or "no version loaded", **body}
+        if st.last_error:
+            body["last_error"] = st.last_error  # the last poll failed; the loaded version is still served
         return 200, {"status": "ok", "version": st.version, "model_id": st.model_id, "ntotal": st.ntotal,
                      "modalities": list(st.modalities), "loaded_at": st.loaded_at, **body}
 
@@ -134,7 +137,7 @@ class QueryServer:
             raise RequestError(504, f"the query took longer than request_timeout_s="
                                     f"{self.config.request_timeout_s:g}") from err
 
-    def _run(self, request) -> dict[str, Any]:
+    def _run(self, request: QueryRequest) -> dict[str, Any]:
         try:
             with self.handle.acquire() as served:
                 return run_query(request, served)
@@ -145,6 +148,10 @@ class QueryServer:
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     app: QueryServer
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -256,16 +263,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if length > limit:
             self._close_unread()
             raise RequestError(413, f"the body has {length} bytes, over max_body_bytes={limit}")
+        return self._read_exactly(length)
+
+    def _read_exactly(self, length: int) -> bytes:
+        """The body, read within what is left of the request's time budget (408 otherwise)."""
+        budget_s = self.server.app.config.request_timeout_s
+        deadline = self._started + budget_s
+        chunks, got = [], 0
         try:
-            body = self.rfile.read(length)
+            while got < length:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left_s)
+                chunk = self.rfile.read1(min(length - got, 1 << 20))
+                if not chunk:
+                    self.close_connection = True
+                    raise RequestError(400, f"the body ended after {got} of {length} bytes")
+                chunks.append(chunk)
+                got += len(chunk)
         except TimeoutError as err:
             self._close_unread()
-            raise RequestError(408, f"the body was not received within request_timeout_s="
-                                    f"{self.server.app.config.request_timeout_s:g}") from err
-        if len(body) != length:
-            self.close_connection = True
-            raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
-        return body
+            raise RequestError(408, f"the body was not received within request_timeout_s={budget_s:g}") from err
+        finally:
+            self.connection.settimeout(budget_s)
+        return b"".join(chunks)
 
     def _close_unread(self) -> None:
         """The body (if any) stays unread: answer, then close the connection."""

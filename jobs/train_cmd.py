@@ -64,8 +64,9 @@ def archive_tuples(archive: str, max_items: int) -> list[dict[str, Any]]:
     return [g for g in groups.values() if len(g) >= 2]
 
 
-def _command_line(params: dict[str, Any]) -> str:
-    parts = ["xmodal-index", "train"]
+def command_line(command: str, params: dict[str, Any]) -> str:
+    """The shell command that reproduces a click invocation from its parsed parameters."""
+    parts = ["xmodal-index", command]
     for name, value in params.items():
         if value is None or value is False:
             continue
@@ -166,7 +167,7 @@ def train(ctx: click.Context, fsdd, digits, archive, archive_items, objective, b
         result = train_model(data, config, progress=progress)
         path = write_checkpoint(
             result.net, out, name=name or f"builtin-{objective}", objective=objective, data_fingerprint=fingerprint,
-            command=_command_line(ctx.params),
+            command=command_line("train", ctx.params),
             extra={"train_config": json.dumps(_config_dict(config), sort_keys=True),
                    "final_loss": f"{result.losses[-1]:.6f}" if result.losses else "closed-form"},
         )

@@ -61,17 +61,22 @@ def parse_timestamp(value: str) -> float:
 def _strip_markup(text: str) -> str:
     """Drop <tags> (WebVTT voices, classes, inline times; SRT <i>) and {\\ass} overrides.
 
-    A linear scan: an unclosed ``<`` or ``{`` keeps the rest of the text as is.
+    A linear scan (each opener position is searched for once, not once per tag): an
+    unclosed ``<`` or ``{`` keeps the rest of the text as is.
     """
     out: list[str] = []
     pos = 0
+    next_lt = next_brace = -2  # -2: not searched yet; -1: none left
     while pos < len(text):
-        lt, brace = text.find("<", pos), text.find("{\\", pos)
-        starts = [i for i in (lt, brace) if i >= 0]
+        if next_lt != -1 and next_lt < pos:
+            next_lt = text.find("<", pos)
+        if next_brace != -1 and next_brace < pos:
+            next_brace = text.find("{\\", pos)
+        starts = [i for i in (next_lt, next_brace) if i >= 0]
         if not starts:
             break
         start = min(starts)
-        close = text.find(">" if start == lt else "}", start)
+        close = text.find(">" if start == next_lt else "}", start)
         if close < 0:
             break
         out.append(text[pos:start])
@@ -142,18 +147,38 @@ def parse_captions(text: str, *, max_cue_chars: int = 2000, max_time_s: float = 
 def texts_per_segment(cues: Sequence[Cue], bounds: Iterable[tuple[float, float]],
                       max_chars: int) -> Iterator[str | None]:
     """For each (start, end) of ``bounds`` (ascending), the texts of the cues that
-    overlap it, joined by a space and cut to ``max_chars``; None where none does.
+    overlap it, in start order, joined by a space and cut to ``max_chars``; None
+    where none does.
 
     A cue overlaps a segment when it starts before the segment's end and ends
     after its start, so a cue spanning a boundary belongs to both segments.
+    The work per segment is bounded by ``max_chars`` (each cue holds at least one
+    character), not by the number of cues that overlap it: many long cues cannot
+    make this quadratic.
     """
     ordered = sorted(cues, key=lambda c: c.start_s)
     nxt = 0
-    active: list[Cue] = []
+    active: list[Cue] = []  # started cues in start order; some may have ended (dropped in batches)
     for start, end in bounds:
         while nxt < len(ordered) and ordered[nxt].start_s < end:
             active.append(ordered[nxt])
             nxt += 1
-        active = [c for c in active if c.end_s > start]
-        text = " ".join(c.text for c in active)[:max_chars]
+        parts: list[str] = []
+        length = ended = 0
+        for cue in active:
+            if cue.end_s <= start:
+                ended += 1
+            elif length < max_chars:
+                parts.append(cue.text)
+                length += len(cue.text) + 1
+            else:
+                break
+        if ended > _COMPACT_AFTER or ended * 2 > len(active):
+            active = [c for c in active if c.end_s > start]
+        text = " ".join(parts)[:max_chars]
         yield text or None
+
+
+# Ended cues are dropped from the active list once a scan has skipped this many
+# (or half the list): each cue is dropped once, so the drops cost O(cues) in all.
+_COMPACT_AFTER = 256

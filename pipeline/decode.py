@@ -7,10 +7,15 @@ one fixed time segment at a time (never a whole long video in memory):
 
 - video / audio files: frames sampled by time with decord (only the sampled
   frames are converted to RGB and resized), the audio track resampled to
-  16 kHz mono float32 with PyAV (or torchaudio), caption sidecars attached to
-  every segment they overlap;
+  16 kHz mono float32 (``audio.py``), caption sidecars attached to every
+  segment they overlap;
 - images: Pillow, size checked against ``max_pixels`` before decoding;
 - text: WebVTT / SRT cues grouped per segment, ``.txt`` as one row.
+
+The decoder is chosen by content where the first bytes say what a file is (a
+WebM named ``.mp4``, a PNG named ``.jpg`` or ``.mp4``, a WAV named ``.txt``),
+by extension otherwise. Every failure raises a ``DecodeError`` subclass whose
+``stage`` and message go to the dead-letter table (docs/BAD_MEDIA.md lists them).
 
 Decoders run in the calling process here; ``pipeline.isolation`` runs this same
 function in killable worker processes, which is what enforces ``timeout_s``,
@@ -19,6 +24,7 @@ function in killable worker processes, which is what enforces ``timeout_s``,
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import importlib.util
@@ -33,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from xmodal_index.pipeline import captions
+from xmodal_index.pipeline.audio import AV_OPEN_OPTIONS, AudioError, AudioTrack, PyAVAudio
+from xmodal_index.pipeline.audio import TorchaudioAudio as _TorchaudioAudio
 from xmodal_index.pipeline.types import Segment
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError
@@ -50,7 +58,10 @@ _MIN_READABLE_FRAME_SHARE = 0.9
 # Demuxers that read other files or URLs named inside the content, or that are
 # not media at all: never opened, whatever the extension says.
 _REFUSED_DEMUXERS = frozenset({"hls", "applehttp", "dash", "concat", "lavfi", "sdp", "rtp", "rtsp", "tty", "ffmetadata"})
-_AV_OPEN_OPTIONS = {"protocol_whitelist": "file"}
+# Texts that make FFmpeg open other files or URLs (playlists, concat lists, session
+# descriptions): refused before FFmpeg sees them, whatever the extension says.
+_REFUSED_SIGNATURES = (b"#EXTM3U", b"ffconcat", b";FFMETADATA", b"v=0", b"<?xml", b"<MPD")
+_SNIFF_BYTES = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +73,11 @@ class DecodeConfig:
     frame_size: int = 112  # sampled frames are resized to frame_size x frame_size RGB
     audio_sample_rate: int = 16000  # Hz, mono float32
     audio_backend: str = "auto"  # auto | torchaudio | pyav (auto: torchaudio when it imports)
-    max_file_bytes: int = 20 * GiB
-    max_duration_s: float = 6 * 3600.0
+    max_file_bytes: int = 20 * GiB  # larger objects are refused before they are fetched
+    max_duration_s: float = 6 * 3600.0  # longer media (as the container declares it) is refused
     max_pixels: int = 8192 * 8192  # width * height of video frames and images
-    max_streams: int = 16
-    max_caption_bytes: int = 4 * MiB
+    max_streams: int = 16  # streams of one container (video, audio, subtitles, data)
+    max_caption_bytes: int = 4 * MiB  # one caption file (standalone or sidecar)
     max_text_chars: int = 2000  # characters of text in one row
     timeout_s: float = 600.0  # wall-clock seconds per item (isolated decoding)
     idle_timeout_s: float = 120.0  # seconds without progress from a worker (isolated decoding)
@@ -74,6 +85,9 @@ class DecodeConfig:
     workers: int = 1  # decode worker processes of one IsolatedDecoder
     decoder_threads: int = 1  # threads of the video decoder inside one worker (0 = one per core)
     max_image_side: int = 1024  # larger images are downscaled to this long side, pixels
+    # Segments of an item are held back until the whole item decoded, up to this many
+    # bytes, so that an item failing midway leaves no rows; longer items stream.
+    max_hold_bytes: int = 128 * MiB
 
     def __post_init__(self) -> None:
         positive = ("segment_s", "frame_rate_hz", "frame_size", "audio_sample_rate", "max_file_bytes",
@@ -85,6 +99,8 @@ class DecodeConfig:
                 raise ValueError(f"{name} = {value!r} must be a finite number > 0")
         if self.decoder_threads < 0:
             raise ValueError(f"decoder_threads = {self.decoder_threads!r} must be >= 0")
+        if not (isinstance(self.max_hold_bytes, int) and self.max_hold_bytes >= 0):
+            raise ValueError(f"max_hold_bytes = {self.max_hold_bytes!r} must be an int >= 0 (0 streams every item)")
         if not (isinstance(self.memory_mb, int) and self.memory_mb >= MIN_MEMORY_MB):
             raise ValueError(f"memory_mb = {self.memory_mb!r} must be an int >= {MIN_MEMORY_MB} "
                              "(a worker maps ~320 MiB of address space once its decoders are loaded)")
@@ -104,6 +120,13 @@ class DecodeError(Exception):
         if stage is not None:
             self.stage = stage
 
+    def __reduce__(self):  # keep ``stage`` across the worker pipe
+        return _rebuild_error, (type(self), str(self), self.stage)
+
+
+def _rebuild_error(cls: type, message: str, stage: str) -> DecodeError:
+    return cls(message, stage=stage)
+
 
 class ProbeError(DecodeError):
     """The file cannot be read as media of its kind (empty, corrupt, unknown container)."""
@@ -121,6 +144,16 @@ class UnsupportedMediaError(DecodeError):
     """The file is valid but holds nothing this decoder can use (no video or audio stream)."""
 
     stage = "probe"
+
+
+class NoContentError(UnsupportedMediaError):
+    """Decoding finished without a single segment (blank text, captions without a cue)."""
+
+    stage = "decode"
+
+
+class TruncatedMediaError(DecodeError):
+    """The tracks end well before the duration the container declares (a cut-off file)."""
 
 
 class DecodeTimeoutError(DecodeError):
@@ -181,9 +214,38 @@ def frame_times(start_s: float, end_s: float, frame_rate_hz: float) -> list[floa
     return [start_s + (i + 0.5) * step for i in range(n)]
 
 
+def truncation_tolerance_s(duration_s: float) -> float:
+    """How far before the declared duration a track may end and still count as complete:
+    a second or a tenth of the duration, whichever is more (duration estimates of
+    containers without an index are that loose)."""
+    return max(1.0, 0.1 * duration_s)
+
+
 def check_file_size(uri: str, size: int, config: DecodeConfig) -> None:
     if size > config.max_file_bytes:
         raise LimitExceededError(f"{uri}: file is {size} bytes, over max_file_bytes={config.max_file_bytes}")
+
+
+def sniff(head: bytes) -> str | None:
+    """What the first bytes of a file say it is: ``"av"`` (a video or audio
+    container), ``"image"``, ``"text"`` (WebVTT), or None where no signature matches."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")):
+        return "image"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" or head[:2] == b"BM" and head[6:10] == b"\x00" * 4:
+        return "image"
+    if head[4:8] == b"ftyp" or head.startswith((b"\x1a\x45\xdf\xa3", b"ID3", b"OggS", b"fLaC")):
+        return "av"
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
+        return "av"
+    if len(head) > 188 and head[0] == head[188] == 0x47:  # MPEG-TS packets
+        return "av"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return None  # UTF-16 text: its BOM looks like an MPEG audio frame sync
+    if len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio / ADTS frame sync
+        return "av"
+    if head.removeprefix(codecs.BOM_UTF8).startswith(b"WEBVTT"):
+        return "text"
+    return None
 
 
 def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
@@ -192,10 +254,14 @@ def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
     check_file_size(uri, size, config)
     if size == 0:
         raise ProbeError(f"{uri}: empty file (0 bytes)")
+    head = _read_prefix(path, uri, _SNIFF_BYTES).removeprefix(codecs.BOM_UTF8).lstrip()
+    if head.startswith(_REFUSED_SIGNATURES):
+        raise UnsupportedMediaError(f"{uri}: a playlist or stream description ({head[:12]!r}...), not a media "
+                                    "file: refused unopened (it would make the decoder read other files)")
     try:
-        container = av.open(path, container_options=_AV_OPEN_OPTIONS, metadata_errors="replace")
+        container = av.open(path, container_options=AV_OPEN_OPTIONS, metadata_errors="replace")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
-        raise ProbeError(f"{uri}: not a readable media container: {err}") from err
+        raise ProbeError(f"{uri}: not a readable media container: {_ffmpeg_reason(err)}") from err
     with container:
         fmt = container.format.name
         if set(fmt.split(",")) & _REFUSED_DEMUXERS:
@@ -207,7 +273,7 @@ def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
         try:
             duration_s = _duration(container)
         except (av.error.FFmpegError, OSError) as err:
-            raise ProbeError(f"{uri}: cannot read packets to find the duration: {err}") from err
+            raise ProbeError(f"{uri}: cannot read packets to find the duration: {_ffmpeg_reason(err)}") from err
     info = MediaInfo(container=fmt, size_bytes=size, duration_s=duration_s, start_s=start_s, streams=streams)
     for s in streams:
         if s.type == "video" and s.width * s.height > config.max_pixels:
@@ -216,6 +282,12 @@ def probe(path: str, uri: str, config: DecodeConfig) -> MediaInfo:
     if duration_s > config.max_duration_s:
         raise LimitExceededError(f"{uri}: duration {duration_s:.1f} s is over max_duration_s={config.max_duration_s}")
     return info
+
+
+def _ffmpeg_reason(err: BaseException) -> str:
+    """FFmpeg's reason without the file name PyAV appends (the message already starts with the URI)."""
+    strerror = getattr(err, "strerror", None)
+    return strerror or str(err)
 
 
 def _stream_info(stream: av.stream.Stream) -> StreamInfo:
@@ -246,11 +318,15 @@ def _duration(container: av.container.InputContainer) -> float:
     return max(0.0, end - start)
 
 
+_DECORD_ERRORS = (decord.DECORDError, RuntimeError, IndexError, ValueError, OSError)
+
+
 class _FrameSampler:
     """Frames of one video at given times, resized by decord (only sampled frames reach RGB).
 
-    decord cannot produce some output widths (96 among them: its copy check fails);
-    for those the frames are decoded at their own size and resized with Pillow.
+    decord applies the display rotation of the stream. It cannot produce some output
+    widths (96 among them: its copy check fails); for those the frames are decoded
+    at their own size and resized with Pillow.
     """
 
     def __init__(self, path: str, uri: str, info: MediaInfo, config: DecodeConfig) -> None:
@@ -262,17 +338,20 @@ class _FrameSampler:
             raise DecodeError(f"{uri}: the video track has no readable frames")
         declared = info.video.frames if info.video else 0
         if declared and n < _MIN_READABLE_FRAME_SHARE * declared:
-            raise DecodeError(f"{uri}: truncated file: {n} of {declared} indexed video frames are readable")
+            raise TruncatedMediaError(f"{uri}: truncated file: {n} of {declared} indexed video frames are readable")
         try:
-            starts = self._reader.get_frame_timestamp(np.arange(n))[:, 0]
-        except (decord.DECORDError, RuntimeError) as err:
+            times = self._reader.get_frame_timestamp(np.arange(n))
+        except _DECORD_ERRORS as err:
             raise DecodeError(f"{uri}: cannot read the video frame index: {err}") from err
-        self._starts = starts - starts[0]
+        if len(times) == 0:
+            raise DecodeError(f"{uri}: the video track has no readable frames")
+        self._starts = times[:, 0] - times[0, 0]
+        self.end_s = float(max(times[-1, 1], times[-1, 0]) - times[0, 0])  # end of the last readable frame
 
     def _open(self, size: int) -> decord.VideoReader:
         try:
             return decord.VideoReader(self._path, width=size, height=size, num_threads=self._config.decoder_threads)
-        except (decord.DECORDError, RuntimeError) as err:
+        except _DECORD_ERRORS as err:
             raise DecodeError(f"{self._uri}: cannot read the video track: {err}") from err
 
     def frames_at(self, times: list[float]) -> np.ndarray:
@@ -280,7 +359,7 @@ class _FrameSampler:
         idx = np.clip(idx, 0, len(self._starts) - 1).tolist()
         try:
             batch = self._reader.get_batch(idx).asnumpy()
-        except (decord.DECORDError, RuntimeError) as err:
+        except _DECORD_ERRORS as err:
             if self._resize or "must exactly match" not in str(err):
                 raise DecodeError(f"{self._uri}: cannot decode video frames {idx}: {err}") from err
             logger.debug("%s: decord cannot resize to %d px; resizing with Pillow", self._uri, self._config.frame_size)
@@ -290,159 +369,6 @@ class _FrameSampler:
             return batch
         size = (self._config.frame_size, self._config.frame_size)
         return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BILINEAR)) for f in batch])
-
-
-class _AudioTrack:
-    """One audio track resampled to mono float32, handed out segment by segment.
-
-    Subclasses fill ``_chunks`` in ``_pull``; only the samples of the segment being
-    cut (plus one decoded packet) are held. Sample 0 is the container's first
-    presentation time; a track that starts later is led by silence.
-    """
-
-    def __init__(self, uri: str, rate: int) -> None:
-        self._uri = uri
-        self._rate = rate
-        self._chunks: list[np.ndarray] = []
-        self._pos = 0  # absolute sample index of the first buffered sample
-        self._end = 0  # absolute sample index after the last buffered sample
-        self._started = False
-        self._eof = False
-
-    def _pull(self) -> None:
-        raise NotImplementedError
-
-    def _start_at(self, offset: int) -> None:
-        self._pos = self._end = offset
-        self._started = True
-
-    def _push(self, samples: np.ndarray) -> None:
-        if samples.size:
-            self._chunks.append(samples)
-            self._end += samples.size
-
-    def take(self, start_s: float, end_s: float) -> np.ndarray:
-        """Samples of [start_s, end_s); shorter (or empty) where the track ends first."""
-        a, b = round(start_s * self._rate), round(end_s * self._rate)
-        while (not self._started or self._end < b) and not self._eof:
-            self._pull()
-        buf = (self._chunks[0] if len(self._chunks) == 1
-               else np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32))
-        hi = min(b, self._end)
-        out = np.zeros(0, np.float32)
-        if hi > a:
-            lead = max(0, min(self._pos, hi) - a)
-            first = min(max(a - self._pos, 0), len(buf))
-            last = max(hi - self._pos, first)
-            out = np.concatenate([np.zeros(lead, np.float32), buf[first:last]]) if lead else buf[first:last].copy()
-        cut = min(max(b - self._pos, 0), len(buf))
-        self._chunks = [buf[cut:]] if cut < len(buf) else []
-        self._pos += cut
-        return np.clip(out, -1.0, 1.0, out=out)
-
-    @property
-    def end_s(self) -> float:
-        return self._end / self._rate
-
-    def ended_before(self, end_s: float) -> bool:
-        """Whether the track ran out well before ``end_s`` (a truncated file): more
-        than a second and more than a tenth short, beyond duration estimates' error."""
-        return self._eof and end_s - self.end_s > max(1.0, 0.1 * end_s)
-
-    def close(self) -> None:
-        pass
-
-
-class _PyAVAudio(_AudioTrack):
-    """Streaming decode with PyAV, resampled by libswresample."""
-
-    MAX_BAD_PACKETS = 50
-
-    def __init__(self, path: str, uri: str, stream_index: int, origin_s: float, rate: int) -> None:
-        super().__init__(uri, rate)
-        self._origin_s = origin_s
-        try:
-            self._container = av.open(path, container_options=_AV_OPEN_OPTIONS, metadata_errors="replace")
-            stream = self._container.streams[stream_index]
-            self._packets = self._container.demux(stream)
-        except (av.error.FFmpegError, IndexError) as err:
-            raise DecodeError(f"{uri}: cannot open audio stream {stream_index}: {err}") from err
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        self._input_shape: tuple | None = None  # (sample format, layout, rate) the resampler was set up for
-        self._bad_packets = 0
-
-    def _pull(self) -> None:
-        try:
-            packet = next(self._packets)
-        except StopIteration:
-            self._resample(None)
-            self._eof = True
-            return
-        except av.error.FFmpegError as err:
-            raise DecodeError(f"{self._uri}: cannot read audio packets: {err}") from err
-        try:
-            frames = packet.decode()
-        except av.error.FFmpegError as err:  # a damaged packet: skip it, as players do
-            self._bad_packets += 1
-            if self._bad_packets > self.MAX_BAD_PACKETS:
-                raise DecodeError(f"{self._uri}: over {self.MAX_BAD_PACKETS} undecodable audio packets: {err}") from err
-            return
-        for frame in frames:
-            if not self._started:
-                t = frame.time if frame.time is not None else self._origin_s
-                self._start_at(round((t - self._origin_s) * self._rate))
-            self._resample(frame)
-
-    def _resample(self, frame: av.AudioFrame | None) -> None:
-        try:
-            if frame is not None:
-                shape = (frame.format.name, frame.layout.name, frame.sample_rate)
-                if shape != self._input_shape:  # the stream changed its rate or channels mid-way
-                    if self._input_shape is not None:
-                        self._resample(None)
-                    self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self._rate)
-                    self._input_shape = shape
-            for out in self._resampler.resample(frame):
-                self._push(out.to_ndarray().reshape(-1))
-        except (av.error.FFmpegError, ValueError) as err:
-            raise DecodeError(f"{self._uri}: cannot resample audio: {err}") from err
-        if not self._started and frame is None:
-            self._start_at(0)
-
-    def close(self) -> None:
-        self._container.close()
-
-
-class _TorchaudioAudio(_AudioTrack):
-    """Chunked ``torchaudio.load`` + ``torchaudio.functional.resample`` (the default stream)."""
-
-    CHUNK_S = 30.0
-
-    def __init__(self, path: str, uri: str, rate: int) -> None:
-        super().__init__(uri, rate)
-        import torchaudio  # noqa: PLC0415 (optional, heavy)
-
-        self._ta = torchaudio
-        self._path = path
-        self._offset = 0  # source frames read so far
-        self._source_rate = 0
-        self._pull()
-
-    def _pull(self) -> None:
-        chunk = round(self.CHUNK_S * (self._source_rate or 48000))
-        try:
-            wave, source_rate = self._ta.load(self._path, frame_offset=self._offset, num_frames=chunk)
-            got = wave.shape[-1]
-            if got and source_rate != self._rate:
-                wave = self._ta.functional.resample(wave, source_rate, self._rate)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise DecodeError(f"{self._uri}: torchaudio cannot read audio: {err}") from err
-        self._source_rate = source_rate
-        if not self._started:
-            self._start_at(0)
-        self._offset += got
-        self._push(wave.mean(dim=0).float().numpy())
-        self._eof = got < chunk
 
 
 _torchaudio_ok: bool | None = None
@@ -461,22 +387,32 @@ def _torchaudio_importable() -> bool:
 
 @contextlib.contextmanager
 def open_audio(path: str, uri: str, stream_index: int, origin_s: float, rate: int,
-               backend: str) -> Iterator[_AudioTrack]:
+               backend: str) -> Iterator[AudioTrack]:
     """The audio track of a file with the configured backend (``auto`` falls back to PyAV)."""
-    track: _AudioTrack | None = None
+    track: AudioTrack | None = None
     if backend == "torchaudio" or (backend == "auto" and _torchaudio_importable()):
         try:
             track = _TorchaudioAudio(path, uri, rate)
-        except DecodeError:
+        except AudioError as err:
             if backend == "torchaudio":
-                raise
+                raise DecodeError(str(err)) from err
             logger.info("%s: torchaudio cannot read it; decoding audio with PyAV", uri)
     if track is None:
-        track = _PyAVAudio(path, uri, stream_index, origin_s, rate)
+        try:
+            track = PyAVAudio(path, uri, stream_index, origin_s, rate)
+        except AudioError as err:
+            raise DecodeError(str(err)) from err
     try:
         yield track
     finally:
         track.close()
+
+
+def _take_audio(audio: AudioTrack, start: float, end: float) -> np.ndarray:
+    try:
+        return audio.take(start, end)
+    except AudioError as err:
+        raise DecodeError(str(err)) from err
 
 
 def _decode_av(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
@@ -489,7 +425,12 @@ def _decode_av(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
     bounds = segment_bounds(info.duration_s, config.segment_s)
     if not bounds:
         raise ProbeError(f"{item.uri}: zero duration")
+    declared_end = bounds[-1][1]
+    short = truncation_tolerance_s(declared_end)
     frames = _FrameSampler(path, item.uri, info, config) if info.video is not None else None
+    if frames is not None and info.audio is None and declared_end - frames.end_s > short:
+        raise TruncatedMediaError(f"{item.uri}: truncated file: the video ends at {frames.end_s:.2f} s "
+                                  f"of the {info.duration_s:.2f} s the container declares")
     texts = captions.texts_per_segment(cues, bounds, config.max_text_chars)
     with contextlib.ExitStack() as stack:
         audio = None
@@ -501,27 +442,28 @@ def _decode_av(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
                 batch = frames.frames_at(frame_times(start, end, config.frame_rate_hz))
                 yield Segment(item.uri, item.etag, "video", start, end, batch)
             if audio is not None:
-                samples = audio.take(start, end)
+                samples = _take_audio(audio, start, end)
                 if samples.size:
                     yield Segment(item.uri, item.etag, "audio", start, end, samples)
             if text:
                 yield Segment(item.uri, item.etag, "text", start, end, text, text=text)
-        if frames is None and audio is not None and audio.ended_before(bounds[-1][1]):
-            raise DecodeError(f"{item.uri}: truncated file: the audio ends at {audio.end_s:.2f} s "
-                              f"of the {info.duration_s:.2f} s the container declares")
+        video_short = frames is None or declared_end - frames.end_s > short
+        audio_short = audio is None or audio.finished and declared_end - audio.end_s > short
+        if video_short and audio_short:
+            ends = [f"the {name} ends at {track.end_s:.2f} s" for name, track in (("video", frames), ("audio", audio))
+                    if track is not None]
+            raise TruncatedMediaError(f"{item.uri}: truncated file: {' and '.join(ends)} "
+                                      f"of the {info.duration_s:.2f} s the container declares")
 
 
 def _decode_image(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
-    size = os.path.getsize(path)
-    check_file_size(item.uri, size, config)
-    if size == 0:
-        raise ProbeError(f"{item.uri}: empty file (0 bytes)")
+    check_file_size(item.uri, os.path.getsize(path), config)
     try:
         image = Image.open(path)
     except Image.DecompressionBombError as err:
         raise LimitExceededError(f"{item.uri}: image declares too many pixels: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ProbeError(f"{item.uri}: not a readable image: {err}") from err
+        raise ProbeError(f"{item.uri}: not a readable image: {_pillow_reason(err, path)}") from err
     with image:
         width, height = image.size
         if width * height > config.max_pixels:
@@ -534,17 +476,25 @@ def _decode_image(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
             if max(rgb.size) > side:
                 rgb.thumbnail((side, side), Image.Resampling.BILINEAR)
             pixels = np.asarray(rgb, dtype=np.uint8)
+        except Image.DecompressionBombError as err:
+            raise LimitExceededError(f"{item.uri}: image declares too many pixels: {err}") from err
         except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise DecodeError(f"{item.uri}: cannot decode image: {err}") from err
+            raise DecodeError(f"{item.uri}: cannot decode image: {_pillow_reason(err, path)}") from err
     yield Segment(item.uri, item.etag, "image", 0.0, 0.0, pixels)
 
 
+def _pillow_reason(err: BaseException, path: str) -> str:
+    """Pillow's message without the local file name it quotes (the URI comes first already)."""
+    return str(err).replace(repr(path), "the file").replace(path, "the file")
+
+
 def _decode_text(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
+    """``.txt`` files as one row; WebVTT / SRT files as cues grouped per segment."""
     check_file_size(item.uri, os.path.getsize(path), config)
-    if item.uri.lower().endswith(".txt"):
+    if item.uri.lower().endswith(".txt") and _sniff_file(path, item.uri) != "text":
         # Only the first max_text_chars characters are kept: read no more than they can take.
-        data = _read_prefix(path, item.uri, 4 * config.max_text_chars + 4)
-        text = " ".join(captions.decode_text(data).split())[:config.max_text_chars]
+        text = _text_of(_read_prefix(path, item.uri, 4 * config.max_text_chars + 4), item.uri)
+        text = " ".join(text.split())[:config.max_text_chars]
         if text:
             yield Segment(item.uri, item.etag, "text", 0.0, 0.0, text, text=text)
         return
@@ -556,12 +506,21 @@ def _decode_text(item, path: str, config: DecodeConfig) -> Iterator[Segment]:
             yield Segment(item.uri, item.etag, "text", start, stop, text, text=text)
 
 
+def _text_of(data: bytes, uri: str) -> str:
+    """Bytes of a text file as str (undecodable bytes replaced); refused as binary
+    when they hold a NUL character, which no UTF-8 or UTF-16 text does."""
+    text = captions.decode_text(data)
+    if "\x00" in text:
+        raise ProbeError(f"{uri}: binary content (NUL bytes), not UTF-8 or UTF-16 text")
+    return text
+
+
 def _read_prefix(path: str, uri: str, limit: int) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read(limit)
     except OSError as err:
-        raise ProbeError(f"{uri}: cannot read: {err}") from err
+        raise ProbeError(f"{uri}: cannot read: {err.strerror or err}") from err
 
 
 def _read_cues(path: str, uri: str, config: DecodeConfig) -> list[captions.Cue]:
@@ -569,7 +528,9 @@ def _read_cues(path: str, uri: str, config: DecodeConfig) -> list[captions.Cue]:
     data = _read_prefix(path, uri, config.max_caption_bytes + 1)
     if len(data) > config.max_caption_bytes:
         raise LimitExceededError(f"{uri}: caption file is over max_caption_bytes={config.max_caption_bytes}")
-    parsed = captions.parse_captions(captions.decode_text(data), max_cue_chars=config.max_text_chars,
+    if not data:
+        raise ProbeError(f"{uri}: empty file (0 bytes)")
+    parsed = captions.parse_captions(_text_of(data, uri), max_cue_chars=config.max_text_chars,
                                      max_time_s=config.max_duration_s)
     if parsed.skipped:
         logger.info("%s: skipped %d malformed caption cue(s)", uri, parsed.skipped)
@@ -598,7 +559,13 @@ def _fetch(uri: str) -> Iterator[str]:
             path = stack.enter_context(storage.local_path(uri))
         except SinkError as err:
             raise ProbeError(f"{uri}: cannot fetch: {err}") from err
+        except OSError as err:  # a local path the filesystem refuses (too long, not a file)
+            raise ProbeError(f"{uri}: cannot fetch: {err.strerror or err}") from err
         yield path
+
+
+def _sniff_file(path: str, uri: str) -> str | None:
+    return sniff(_read_prefix(path, uri, _SNIFF_BYTES))
 
 
 _DECODERS: dict[str, Callable[..., Iterator[Segment]]] = {
@@ -607,6 +574,8 @@ _DECODERS: dict[str, Callable[..., Iterator[Segment]]] = {
     "image": _decode_image,
     "text": _decode_text,
 }
+_BY_CONTENT: dict[str, Callable[..., Iterator[Segment]]] = {"av": _decode_av, "image": _decode_image,
+                                                              "text": _decode_text}
 
 
 def decode_item(item, config: DecodeConfig) -> Iterator[Segment]:
@@ -614,11 +583,27 @@ def decode_item(item, config: DecodeConfig) -> Iterator[Segment]:
 
     Raises a ``DecodeError`` subclass naming the URI and the reason; an error can
     come after some segments were yielded (a file truncated mid-way), so callers
-    treat an item as failed as a whole.
+    treat an item as failed as a whole. An item that yields no segment at all
+    raises ``NoContentError``.
     """
     decoder = _DECODERS.get(item.kind)
     if decoder is None:
         raise UnsupportedMediaError(f"{item.uri}: unknown kind {item.kind!r} (expected one of {sorted(_DECODERS)})")
     check_file_size(item.uri, item.size, config)  # refuse before fetching a huge object
     with _fetch(item.uri) as path:
-        yield from decoder(item, path, config)
+        size = os.path.getsize(path)
+        check_file_size(item.uri, size, config)
+        if size == 0:
+            raise ProbeError(f"{item.uri}: empty file (0 bytes)")
+        content = _sniff_file(path, item.uri)
+        if content is not None and _BY_CONTENT[content] is not decoder and not (
+                content == "text" and decoder is _decode_text):
+            logger.info("%s: content is %s, not %s as the name says: decoding it by content", item.uri, content,
+                        item.kind)
+            decoder = _BY_CONTENT[content]
+        n = 0
+        for segment in decoder(item, path, config):
+            n += 1
+            yield segment
+    if n == 0:
+        raise NoContentError(f"{item.uri}: nothing to index: decoding gave no segment")

@@ -17,8 +17,10 @@ The parent kills the child and starts a fresh one, lazily, when it
 - runs out of its address space (``RLIMIT_AS`` = ``memory_mb``): ``DecoderCrashedError``.
 A ``DecodeError`` raised inside the child comes back as the same class and message.
 
-Create it where it is used (a DoFn's ``setup``); pickling one carries only its
-config, never a live process. Not thread-safe: one user at a time.
+``decode_fn`` replaces ``decode_item`` with another module-level function of
+(item, config) that yields segments (a different decoder, or a fault injected by
+a test). Create it where it is used (a DoFn's ``setup``); pickling one carries
+only its settings, never a live process. Not thread-safe: one user at a time.
 
 Tests and tools run any module-level generator function in a worker with the
 private ``_run_callable(fn, *args, uri=...)``; it is how the fault tests inject a
@@ -218,10 +220,12 @@ class IsolatedDecoder:
     """``decode_item`` in warm worker processes that are killed and replaced on failure."""
 
     def __init__(self, config: DecodeConfig, *, start_method: str = "spawn",
-                 max_prefetch_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_prefetch_bytes: int = 64 * 1024 * 1024,
+                 decode_fn: Callable[[MediaItem, DecodeConfig], Iterable[Segment]] = decode_item) -> None:
         if max_prefetch_bytes < 0:
             raise ValueError(f"{max_prefetch_bytes = } must be >= 0")
         self._config = config
+        self._decode_fn = decode_fn
         self._start_method = start_method
         self._max_prefetch_bytes = max_prefetch_bytes
         self._workers: list[_Worker | None] = [None] * config.workers
@@ -231,11 +235,11 @@ class IsolatedDecoder:
     # -- pickling carries the settings only: a copy starts its own workers when first used
     def __getstate__(self) -> dict:
         return {"config": self._config, "start_method": self._start_method,
-                "max_prefetch_bytes": self._max_prefetch_bytes}
+                "max_prefetch_bytes": self._max_prefetch_bytes, "decode_fn": self._decode_fn}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["config"], start_method=state["start_method"],
-                      max_prefetch_bytes=state["max_prefetch_bytes"])
+                      max_prefetch_bytes=state["max_prefetch_bytes"], decode_fn=state["decode_fn"])
 
     def __enter__(self) -> IsolatedDecoder:
         return self
@@ -258,7 +262,7 @@ class IsolatedDecoder:
 
     def decode(self, item: MediaItem) -> Iterator[Segment]:
         """Segments of one item, decoded in a worker; errors as ``decode_item`` raises them."""
-        request = self._submit(0, decode_item, (item, self._config), item.uri)
+        request = self._submit(0, self._decode_fn, (item, self._config), item.uri)
         try:
             yield from request
         finally:
@@ -281,7 +285,8 @@ class IsolatedDecoder:
                     item = next(todo, None)
                     if item is None:
                         break
-                    pending.append((item, self._submit(free.popleft(), decode_item, (item, self._config), item.uri)))
+                    pending.append((item, self._submit(free.popleft(), self._decode_fn, (item, self._config),
+                                                       item.uri)))
                 if not pending:
                     return
                 item, request = pending.popleft()
@@ -305,7 +310,7 @@ class IsolatedDecoder:
 
     # -- workers
 
-    def _worker(self, slot: int) -> _Worker:
+    def _worker(self, slot: int, uri: str) -> _Worker:
         """The worker of a slot, started (all empty slots at once) and ready."""
         if self._workers[slot] is None:
             ctx = multiprocessing.get_context(self._start_method)
@@ -322,7 +327,7 @@ class IsolatedDecoder:
             if message is None or message[0] != "ready":
                 reason = worker.describe_exit() if ready else f"did not start within {START_TIMEOUT_S} s"
                 self._drop_worker(slot, worker, restart=False)
-                raise DecoderCrashedError(f"decode worker {reason} while starting")
+                raise DecoderCrashedError(f"{uri}: decode worker {reason} while starting")
             worker.ready = True
         return worker
 
@@ -334,10 +339,10 @@ class IsolatedDecoder:
         self.restarts += restart
 
     def _submit(self, slot: int, fn: Callable[..., Iterable[Any]], args: tuple, uri: str) -> _Request:
-        worker = self._worker(slot)
+        worker = self._worker(slot, uri)
         if not worker.process.is_alive():  # died while idle (killed from outside)
             self._drop_worker(slot, worker)
-            worker = self._worker(slot)
+            worker = self._worker(slot, uri)
         worker.conn.send(("run", fn, args))
         request = _Request(self, slot, worker, uri)
         self._in_flight.append(request)

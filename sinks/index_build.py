@@ -58,14 +58,10 @@ from xmodal_index.sinks.index_choice import (  # noqa: F401 - choose_factories i
     IndexChoiceError,
     choose_factories,
     choose_index,
+    tune_search_params,
+    uses_product_quantizer,
 )
-from xmodal_index.sinks.loader import (
-    RERANK_PARAM,
-    StoredVectors,
-    apply_search_params,
-    rerank_search,
-    tunable_param,
-)
+from xmodal_index.sinks.loader import RERANK_PARAM, StoredVectors, rerank_search
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +69,7 @@ METRICS = ("ip",)
 RECALL_K = 10
 ADD_CHUNK_ROWS = 65_536  # rows buffered per pass before they go to the shards' add threads
 MIN_CHUNK_ROWS = 4_096
-NPROBE_DEFAULT_DIVISOR = 16  # nprobe = nlist / 16 when nothing can be measured
-EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
-EF_SEARCH_DEFAULT = 64
-NFLIP_MAX = 6
-NFLIP_DEFAULT = 2
-RERANK_CANDIDATES = (4, 16, 64)  # rerank * k candidates re-scored per shard of a product-quantized index
 _MODALITY_RE = re.compile(r"[a-z0-9_]+")
-_PQ_RE = re.compile(r"(^|,)PQ\d+")
 _RESERVED_NAMES = (mf.MANIFEST_NAME, mf.LATEST_NAME)
 _REQUIRED_COLUMNS = ("segment_id", "uri", "etag", "modality", "start_s", "end_s", "embedding", "hash_code")
 
@@ -318,17 +307,30 @@ def _plan_shards(scan: _Scan, max_shard_vectors: int) -> tuple[list[_ShardPlan],
     return plans, shard_of
 
 
-def _group_shards(plans: list[_ShardPlan], max_shard_vectors: int) -> list[list[int]]:
-    """Consecutive shards whose vectors together fit one shard's budget: one pass each."""
-    budget = max(max_shard_vectors, max(p.count for p in plans))
+def _group_shards(plans: list[_ShardPlan], choices: Mapping[str, IndexChoice], config: IndexBuildConfig
+                  ) -> list[list[int]]:
+    """Consecutive shards filled in one pass: as many as memory_budget_bytes holds by the
+    chooser's estimate, else (sizes unknown) as many as max_shard_vectors vectors."""
+    def size(plan: _ShardPlan) -> float | None:
+        c = choices[plan.modality]
+        if c.bytes_per_vector is None or c.bytes_per_shard is None:
+            return None
+        return c.bytes_per_vector * plan.count + c.bytes_per_shard
+
+    sizes = [size(p) for p in plans]
+    if any(s is None for s in sizes):
+        sizes = [float(p.count) for p in plans]
+        budget = float(max(config.max_shard_vectors, max(p.count for p in plans)))
+    else:
+        budget = float(config.memory_budget_bytes)
     groups: list[list[int]] = [[]]
-    size = 0
-    for i, plan in enumerate(plans):
-        if groups[-1] and size + plan.count > budget:
+    total = 0.0
+    for i, s in enumerate(sizes):
+        if groups[-1] and total + s > budget:
             groups.append([])
-            size = 0
+            total = 0.0
         groups[-1].append(i)
-        size += plan.count
+        total += s
     return groups
 
 
@@ -338,6 +340,7 @@ class _Templates:
     binary_index: Any
     float_factory: str
     binary_factory: str
+    choice: IndexChoice
 
 
 def _make_float(factory: str, dim: int) -> Any:
@@ -346,7 +349,7 @@ def _make_float(factory: str, dim: int) -> Any:
     except RuntimeError as err:
         raise IndexBuildError(f"float index factory {factory!r} is invalid for {dim = }: {err}") from err
     if faiss.try_extract_index_ivf(index) is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        index = faiss.IndexIDMap2(index)
+        index = faiss.IndexIDMap(index)
     return index
 
 
@@ -355,9 +358,22 @@ def _make_binary(factory: str, bits: int) -> Any:
         index = faiss.index_binary_factory(bits, factory)
     except RuntimeError as err:
         raise IndexBuildError(f"binary index factory {factory!r} is invalid for {bits = }: {err}") from err
-    if not isinstance(index, (faiss.IndexBinaryIVF, faiss.IndexBinaryIDMap, faiss.IndexBinaryIDMap2)):
-        index = faiss.IndexBinaryIDMap2(index)
+    keeps_ids = (faiss.IndexBinaryIVF, faiss.IndexBinaryHash, faiss.IndexBinaryMultiHash, faiss.IndexBinaryIDMap,
+                 faiss.IndexBinaryIDMap2)
+    if not isinstance(index, keeps_ids):
+        index = faiss.IndexBinaryIDMap(index)
     return index
+
+
+def _needed_training_rows(index: Any, kind: str) -> int:
+    """Rows below which training the index fails: IVF lists, or 256 PQ / SQ codebook entries."""
+    if kind == "binary":
+        return int(getattr(index, "nlist", 1))
+    ivf = faiss.try_extract_index_ivf(index)
+    need = int(ivf.nlist) if ivf is not None else 1
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        need = max(need, 1 << int(faiss.downcast_index(ivf).pq.nbits))
+    return need
 
 
 def _trained(kind: str, factory: str, n: int, modality: str, held_out: np.ndarray, sample: np.ndarray,
@@ -367,29 +383,39 @@ def _trained(kind: str, factory: str, n: int, modality: str, held_out: np.ndarra
     index = make(factory)
     if index.is_trained:
         return factory, index
-    ivf = faiss.try_extract_index_ivf(index) if kind == "float" else index
-    nlist = int(getattr(ivf, "nlist", 1))
-    data = held_out if len(held_out) >= nlist else sample
-    if len(data) < nlist:
+    need = _needed_training_rows(index, kind)
+    data = held_out if len(held_out) >= need else sample
+    if len(data) < need:
         exact = "Flat" if kind == "float" else "BFlat"
         logger.warning("%s %s shards of %d rows are too small to train %r: using %s", modality, kind, n, factory, exact)
         return exact, make(exact)
+    started = time.monotonic()
     try:
         index.train(np.ascontiguousarray(data))
     except RuntimeError as err:
         raise IndexBuildError(f"training {kind} index {factory!r} for modality {modality!r} "
                               f"on {len(data)} rows failed: {err}") from err
+    logger.info("trained %s %s index %s on %d rows in %.1f s", modality, kind, factory, len(data),
+                time.monotonic() - started)
     return factory, index
 
 
 def _train_templates(modality: str, n: int, sample: _Sample, nqueries: int, dim: int, bits: int,
-                     config: IndexBuildConfig) -> _Templates:
-    float_factory, binary_factory = choose_factories(n, dim, bits, config)
-    float_factory, float_index = _trained("float", float_factory, n, modality, sample.x[nqueries:], sample.x,
+                     config: IndexBuildConfig, total_vectors: int, shards: int) -> _Templates:
+    choice = choose_index(n, dim, bits, memory_budget_bytes=config.memory_budget_bytes,
+                          recall_target=config.recall_target, train_rows=min(config.train_sample, len(sample.ids)),
+                          total_vectors=total_vectors, shards=shards, float_factory=config.float_factory,
+                          binary_factory=config.binary_factory)
+    over = choice.estimated_bytes is not None and choice.estimated_bytes > config.memory_budget_bytes
+    (logger.warning if over else logger.info)("%s: %s", modality, choice.reason)
+    float_factory, float_index = _trained("float", choice.float_factory, n, modality, sample.x[nqueries:], sample.x,
                                           lambda f: _make_float(f, dim))
-    binary_factory, binary_index = _trained("binary", binary_factory, n, modality, sample.codes[nqueries:],
+    binary_factory, binary_index = _trained("binary", choice.binary_factory, n, modality, sample.codes[nqueries:],
                                             sample.codes, lambda f: _make_binary(f, bits))
-    return _Templates(float_index, binary_index, float_factory, binary_factory)
+    if (float_factory, binary_factory) != (choice.float_factory, choice.binary_factory):
+        choice = dataclasses.replace(choice, float_factory=float_factory, binary_factory=binary_factory,
+                                     reason=choice.reason + "; too few rows to train: exact search instead")
+    return _Templates(float_index, binary_index, float_factory, binary_factory, choice)
 
 
 def _id_map_table(batch: pa.RecordBatch) -> pa.Table:
@@ -403,15 +429,17 @@ def _id_map_table(batch: pa.RecordBatch) -> pa.Table:
 class _ShardResult:
     plan: _ShardPlan
     ntotal: int
-    files: dict[str, str]  # kind ("float" | "binary" | "ids") -> local path
+    files: dict[str, str]  # kind ("float" | "binary" | "ids" | "vectors") -> local path
     factories: dict[str, str]
     search_params: dict[str, dict[str, int]]
     recall: dict[str, float | None]
 
 
-def _float_recall(index: Any, queries: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean |ANN top-k ∩ exact top-k| / |exact top-k| over the queries."""
-    _, found = index.search(queries, RECALL_K)
+# ---------------------------------------------------------------- recall
+
+
+def _recall_of(found: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean |found top-k ∩ exact top-k| / |exact top-k| over the queries."""
     hits = total = 0
     for got, want in zip(found, exact_ids):
         want = want[want >= 0]
@@ -420,7 +448,18 @@ def _float_recall(index: Any, queries: np.ndarray, exact_ids: np.ndarray) -> flo
     return hits / total if total else 1.0
 
 
-def _hamming_recall(index: Any, codes: np.ndarray, exact_dist: np.ndarray, exact_ids: np.ndarray) -> float:
+def _float_recall(index: Any, queries: np.ndarray, exact_ids: np.ndarray, vectors: StoredVectors | None,
+                  params: Mapping[str, int]) -> float:
+    rerank = int(params.get(RERANK_PARAM, 0))
+    if rerank > 1 and vectors is not None:
+        _, found = rerank_search(index, queries, RECALL_K, rerank, vectors)
+    else:
+        _, found = index.search(queries, RECALL_K)
+    return _recall_of(found, exact_ids)
+
+
+def _hamming_recall(index: Any, codes: np.ndarray, exact_dist: np.ndarray, exact_ids: np.ndarray,
+                    params: Mapping[str, int]) -> float:
     """Like _float_recall, but any result at most as far as the exact k-th neighbour
     counts: Hamming distances tie often, and any of the tied rows is a true neighbour."""
     dist, found = index.search(codes, RECALL_K)
@@ -436,43 +475,26 @@ def _hamming_recall(index: Any, codes: np.ndarray, exact_dist: np.ndarray, exact
     return hits / total if total else 1.0
 
 
-def _tune(index: Any, binary: bool, config: IndexBuildConfig,
-          measure: Callable[[], float] | None) -> tuple[dict[str, int], float | None]:
-    """Set nprobe / efSearch: the configured value, else the smallest candidate whose
-    measured recall@10 reaches config.recall_target. Returns (params, recall)."""
-    param = tunable_param(index, binary)
-    if param is None:
-        return {}, measure() if measure else None
-    name, limit = param
-    fixed = config.nprobe if name == "nprobe" else config.ef_search
-    if fixed or measure is None:
-        if fixed:
-            value = min(fixed, limit) if name == "nprobe" else fixed
-        else:
-            value = max(1, limit // NPROBE_DEFAULT_DIVISOR) if name == "nprobe" else EF_SEARCH_DEFAULT
-        apply_search_params(index, {name: value}, binary)
-        return {name: value}, measure() if measure else None
-    if name == "nprobe":
-        candidates = [1 << i for i in range(max(1, limit).bit_length()) if (1 << i) < limit] + [limit]
-    else:
-        candidates = list(EF_SEARCH_CANDIDATES)
-    recall = 0.0
-    for value in candidates:
-        apply_search_params(index, {name: value}, binary)
-        recall = measure()
-        if recall >= config.recall_target:
-            break
-    return {name: value}, recall
+# ---------------------------------------------------------------- one shard
+
+
+def _npy_header(f: BinaryIO, rows: int, dim: int) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f2")), "fortran_order": False, "shape": (rows, dim)}
+    np.lib.format.write_array_header_1_0(f, header)
 
 
 class _ShardBuilder:
-    """One shard while rows stream in: float + binary index, id map, exact neighbours."""
+    """One shard while rows stream in: float + binary index, id map, stored vectors,
+    exact neighbours of the recall queries. Chunks are added on a worker thread, one
+    at a time per shard, while the next chunk is read."""
 
-    def __init__(self, plan: _ShardPlan, templates: _Templates, queries: tuple[np.ndarray, np.ndarray]) -> None:
+    def __init__(self, plan: _ShardPlan, templates: _Templates, queries: tuple[np.ndarray, np.ndarray],
+                 out_dir: str, chunk_rows: int, omp_threads: int, store_vectors: bool,
+                 pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self.plan = plan
         self.templates = templates
         self.float_index = faiss.clone_index(templates.float_index)
-        # clone_binary_index cannot copy IndexBinaryIDMap2: round-trip through bytes instead.
+        # clone_binary_index cannot copy every binary index type: round-trip through bytes instead.
         self.binary_index = faiss.deserialize_index_binary(faiss.serialize_index_binary(templates.binary_index))
         self.query_x, self.query_codes = queries
         nq = len(self.query_x)
@@ -480,24 +502,54 @@ class _ShardBuilder:
         self.exact_hamming = faiss.ResultHeap(nq, RECALL_K, keep_max=False) if nq else None
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
+        self.rows_seen = 0
         self.id_maps: list[pa.Table] = []
+        self.chunk_rows = chunk_rows
+        self.omp_threads = omp_threads
+        self.pool = pool
+        self.future: concurrent.futures.Future | None = None
+        self.files = {
+            "float": os.path.join(out_dir, f"{plan.stem}.float.faiss"),
+            "binary": os.path.join(out_dir, f"{plan.stem}.binary.faiss"),
+            "ids": os.path.join(out_dir, f"{plan.stem}.ids.parquet"),
+        }
+        self.vectors_file: BinaryIO | None = None
+        if store_vectors:
+            self.files["vectors"] = os.path.join(out_dir, f"{plan.stem}.vectors.npy")
+            self.vectors_file = open(self.files["vectors"], "wb")
+            _npy_header(self.vectors_file, plan.count, int(templates.float_index.d))
 
     def add(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray, id_map: pa.Table) -> None:
+        rows = pa.array(np.arange(self.rows_seen, self.rows_seen + len(ids), dtype=np.int64))
+        self.id_maps.append(id_map.append_column(mf.VECTOR_ROW_COLUMN, rows))
+        self.rows_seen += len(ids)
         self.pending.append((ids, x, codes))
         self.pending_rows += len(ids)
-        self.id_maps.append(id_map)
-        if self.pending_rows >= ADD_CHUNK_ROWS:
-            self._flush()
+        if self.pending_rows >= self.chunk_rows:
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand the buffered rows to the worker (after the previous chunk is in)."""
         if not self.pending:
             return
         ids = np.ascontiguousarray(np.concatenate([p[0] for p in self.pending]), dtype=np.int64)
         x = np.ascontiguousarray(np.concatenate([p[1] for p in self.pending]))
         codes = np.ascontiguousarray(np.concatenate([p[2] for p in self.pending]))
         self.pending, self.pending_rows = [], 0
+        self.wait()
+        self.future = self.pool.submit(self._add_chunk, ids, x, codes)
+
+    def wait(self) -> None:
+        if self.future is not None:
+            future, self.future = self.future, None
+            future.result()
+
+    def _add_chunk(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray) -> None:
+        faiss.omp_set_num_threads(self.omp_threads)  # per worker thread: shards share the cores
         self.float_index.add_with_ids(x, ids)
         self.binary_index.add_with_ids(codes, ids)
+        if self.vectors_file is not None:
+            self.vectors_file.write(x.astype("<f2").tobytes())
         if self.exact is not None:
             k = min(RECALL_K, len(ids))
             dist, pos = faiss.knn(self.query_x, x, k, metric=faiss.METRIC_INNER_PRODUCT)
@@ -505,32 +557,47 @@ class _ShardBuilder:
             dist, pos = faiss.knn_hamming(self.query_codes, codes, k)
             self.exact_hamming.add_result(dist.astype(np.float32), ids[pos])
 
-    def finish(self, out_dir: str, config: IndexBuildConfig) -> _ShardResult:
-        self._flush()
-        plan = self.plan
+    def abort(self) -> None:
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the build is failing already; the first error is raised
+            pass
+        if self.vectors_file is not None:
+            self.vectors_file.close()
+
+    def finish(self, config: IndexBuildConfig) -> _ShardResult:
+        """Tune, measure and write the shard (runs on a worker thread after flush + wait)."""
+        faiss.omp_set_num_threads(self.omp_threads)
+        plan, files = self.plan, self.files
+        if self.vectors_file is not None:
+            self.vectors_file.close()
         if self.float_index.ntotal != plan.count or self.binary_index.ntotal != plan.count:
             raise IndexBuildError(f"shard {plan.stem}: the scan counted {plan.count} rows but "
                                   f"{self.float_index.ntotal} arrived: the input changed between passes")
+        id_map = pa.concat_tables(self.id_maps).sort_by("segment_id")
+        self.id_maps = []
+        vectors = None
+        if "vectors" in files:
+            vectors = StoredVectors.open(files["vectors"], id_map.column("segment_id").to_numpy(),
+                                         id_map.column(mf.VECTOR_ROW_COLUMN).to_numpy())
         float_measure = hamming_measure = None
         if self.exact is not None:
             self.exact.finalize()
             self.exact_hamming.finalize()
-            float_measure = functools.partial(_float_recall, self.float_index, self.query_x, self.exact.I)
+            float_measure = functools.partial(_float_recall, self.float_index, self.query_x, self.exact.I, vectors)
             hamming_measure = functools.partial(_hamming_recall, self.binary_index, self.query_codes,
                                                 self.exact_hamming.D, self.exact_hamming.I)
-        float_params, float_recall = _tune(self.float_index, False, config, float_measure)
-        binary_params, binary_recall = _tune(self.binary_index, True, config, hamming_measure)
-        files = {
-            "float": os.path.join(out_dir, f"{plan.stem}.float.faiss"),
-            "binary": os.path.join(out_dir, f"{plan.stem}.binary.faiss"),
-            "ids": os.path.join(out_dir, f"{plan.stem}.ids.parquet"),
-        }
+        fixed = {"nprobe": config.nprobe, "efSearch": config.ef_search}
+        float_params, float_recall = tune_search_params(
+            self.float_index, binary=False, recall_target=config.recall_target, fixed=fixed, measure=float_measure,
+            rerank=vectors is not None and uses_product_quantizer(self.templates.float_factory))
+        binary_params, binary_recall = tune_search_params(
+            self.binary_index, binary=True, recall_target=config.recall_target, fixed=fixed, measure=hamming_measure)
+        del vectors
         faiss.write_index(self.float_index, files["float"])
         faiss.write_index_binary(self.binary_index, files["binary"])
-        id_map = pa.concat_tables(self.id_maps).sort_by("segment_id")
         pq.write_table(id_map, files["ids"], compression="zstd")
         self.float_index = self.binary_index = None
-        self.id_maps = []
         logger.info("shard %s: %d vectors, float %s %s recall@10 %s, binary %s %s recall@10 %s", plan.stem,
                     plan.count, self.templates.float_factory, float_params, _fmt(float_recall),
                     self.templates.binary_factory, binary_params, _fmt(binary_recall))
@@ -554,44 +621,69 @@ def _fmt(recall: float | None) -> str:
 def _add_and_write(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan, plans: list[_ShardPlan],
                    shard_of: np.ndarray, templates: dict[str, _Templates],
                    queries: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: str, config: IndexBuildConfig,
-                   progress: _Progress) -> list[_ShardResult]:
+                   progress: _Progress) -> tuple[list[_ShardResult], int]:
+    """Fill and write every shard, one group per pass; returns the results and the pass count."""
     taken = np.zeros(len(scan.unique_ids), bool)  # dedupe: the first row of each segment_id wins
     results: list[_ShardResult] = []
     added = 0
-    for group in _group_shards(plans, config.max_shard_vectors):
+    cores = os.cpu_count() or 1
+    groups = _group_shards(plans, {m: t.choice for m, t in templates.items()}, config)
+    for group in groups:
         in_group = np.zeros(len(plans), bool)
         in_group[group] = True
-        builders = {i: _ShardBuilder(plans[i], templates[plans[i].modality], queries[plans[i].modality]) for i in group}
-        for batch in batches():
-            if not batch.num_rows:
-                continue
-            ids = batch.column("segment_id").to_numpy()
-            pos = np.minimum(np.searchsorted(scan.unique_ids, ids), len(scan.unique_ids) - 1)
-            unseen = scan.unique_ids[pos] != ids
-            if unseen.any():
-                raise IndexBuildError(f"segment_id {int(ids[unseen][0])} was not in the scan pass: "
-                                      "the input changed between passes")
-            shard = shard_of[pos]
-            rows = np.nonzero(in_group[shard] & ~taken[pos])[0]
-            if not len(rows):
-                continue
-            _, first = np.unique(pos[rows], return_index=True)
-            rows = rows[np.sort(first)]
-            taken[pos[rows]] = True
-            sub = batch.take(pa.array(rows))
-            x = embedding_matrix(sub.column("embedding"))
-            codes = hash_matrix(sub.column("hash_code"))
-            id_map = _id_map_table(sub)
-            sub_ids, sub_shard = ids[rows], shard[rows]
-            for s in np.unique(sub_shard):
-                sel = np.nonzero(sub_shard == s)[0]
-                builders[int(s)].add(sub_ids[sel], x[sel], codes[sel], id_map.take(pa.array(sel)))
-            added += len(rows)
-            progress("add", added, len(scan.unique_ids))
-        for i in group:
-            results.append(builders.pop(i).finish(out_dir, config))
-            progress("write", len(results), len(plans))
-    return results
+        workers = max(1, min(len(group), config.add_threads or cores))
+        chunk_rows = max(MIN_CHUNK_ROWS, ADD_CHUNK_ROWS // len(group))
+        omp_threads = max(1, cores // workers)
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="shard-add") as pool:
+            builders = {i: _ShardBuilder(plans[i], templates[plans[i].modality], queries[plans[i].modality],
+                                         out_dir, chunk_rows, omp_threads, config.store_vectors, pool) for i in group}
+            try:
+                added = _fill(batches, scan, shard_of, in_group, taken, builders, added, progress)
+                for builder in builders.values():
+                    builder.flush()
+                for builder in builders.values():
+                    builder.wait()
+                futures = [pool.submit(builders[i].finish, config) for i in group]
+                for future in futures:
+                    results.append(future.result())
+                    progress("write", len(results), len(plans))
+            except BaseException:
+                for builder in builders.values():
+                    builder.abort()
+                raise
+    return results, len(groups)
+
+
+def _fill(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan, shard_of: np.ndarray, in_group: np.ndarray,
+          taken: np.ndarray, builders: dict[int, _ShardBuilder], added: int, progress: _Progress) -> int:
+    """One pass over the rows: each row of a shard in this group goes to its builder."""
+    for batch in batches():
+        if not batch.num_rows:
+            continue
+        ids = batch.column("segment_id").to_numpy()
+        pos = np.minimum(np.searchsorted(scan.unique_ids, ids), len(scan.unique_ids) - 1)
+        unseen = scan.unique_ids[pos] != ids
+        if unseen.any():
+            raise IndexBuildError(f"segment_id {int(ids[unseen][0])} was not in the scan pass: "
+                                  "the input changed between passes")
+        shard = shard_of[pos]
+        rows = np.nonzero(in_group[shard] & ~taken[pos])[0]
+        if not len(rows):
+            continue
+        _, first = np.unique(pos[rows], return_index=True)
+        rows = rows[np.sort(first)]
+        taken[pos[rows]] = True
+        sub = batch.take(pa.array(rows))
+        x = embedding_matrix(sub.column("embedding"))
+        codes = hash_matrix(sub.column("hash_code"))
+        id_map = _id_map_table(sub)
+        sub_ids, sub_shard = ids[rows], shard[rows]
+        for s in np.unique(sub_shard):
+            sel = np.nonzero(sub_shard == s)[0]
+            builders[int(s)].add(sub_ids[sel], x[sel], codes[sel], id_map.take(pa.array(sel)))
+        added += len(rows)
+        progress("add", added, len(scan.unique_ids))
+    return added
 
 
 def _check_extra_files(extra_files: Mapping[str, str]) -> None:
@@ -618,9 +710,10 @@ def _metrics(results: list[_ShardResult], scan: _Scan, queries: dict[str, tuple[
                                      for kind, mods in by_modality.items()},
         "recall_queries": {m: len(q[0]) for m, q in queries.items()},
         "recall_protocol": (
-            "per shard: top-10 of the index at its search_params vs exact top-10 (flat inner product; "
-            "exact Hamming, where any row tied with the 10th exact distance counts) for up to recall_sample "
-            "rows per modality used as queries and held out of training; recall_at_10 is the minimum over shards"
+            "per shard: top-10 of the index at its search_params (with its re-rank, if any) vs exact top-10 "
+            "(flat inner product; exact Hamming, where any row tied with the 10th exact distance counts) for "
+            "up to recall_sample rows per modality used as queries and held out of training; recall_at_10 is "
+            "the minimum over shards"
         ),
         "ntotal": ntotal,
         "rows_read": scan.rows,
@@ -628,6 +721,12 @@ def _metrics(results: list[_ShardResult], scan: _Scan, queries: dict[str, tuple[
     }
     metrics.update(metrics_extra)
     return metrics
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def build_version(
@@ -649,8 +748,11 @@ def build_version(
     (sinks.schema.embedding_schema). index_root: e.g. WORKDIR/indexes/NAME, any
     storage URI. extra_files: name in the version -> local path (e.g. the encoder
     checkpoint). progress(stage, done, total): stages scan, train, add, write, upload.
-    Raises EmptyIndexError on zero rows, IndexBuildError on inconsistent rows; on any
-    failure LATEST keeps naming the previous version.
+    publish=False uploads the version without moving LATEST (then see
+    publish_gate.publish_gated or publish_version).
+    Raises EmptyIndexError on zero rows, IndexBuildError on inconsistent rows,
+    IndexChoiceError when no index fits memory_budget_bytes; on any failure LATEST
+    keeps naming the previous version.
     """
     if dim <= 0:
         raise ValueError(f"{dim = } must be > 0")
@@ -660,32 +762,45 @@ def build_version(
     report = _Progress(progress)
     started = time.monotonic()
     scan = _scan(batches, dim, bits, model_id, config, report)
+    scanned = time.monotonic()
     plans, shard_of = _plan_shards(scan, config.max_shard_vectors)
     templates: dict[str, _Templates] = {}
     queries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    train_rows: dict[str, int] = {}
     for i, modality in enumerate(scan.modalities):
         sample = scan.samples.pop(modality)
         nq = min(config.recall_sample, len(sample.ids))
         largest = max(p.count for p in plans if p.modality == modality)
-        templates[modality] = _train_templates(modality, largest, sample, nq, dim, bits, config)
+        templates[modality] = _train_templates(modality, largest, sample, nq, dim, bits, config,
+                                               len(scan.unique_ids), len(plans))
         queries[modality] = (np.ascontiguousarray(sample.x[:nq]), np.ascontiguousarray(sample.codes[:nq]))
+        train_rows[modality] = len(sample.ids) - nq
         report("train", i + 1, len(scan.modalities))
+    trained = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xmodal-index-build-") as tmp:
-        results = _add_and_write(batches, scan, plans, shard_of, templates, queries, tmp, config, report)
+        results, passes = _add_and_write(batches, scan, plans, shard_of, templates, queries, tmp, config, report)
+        added = time.monotonic()
         local: dict[str, str] = {}
         shards: list[mf.ShardEntry] = []
         id_maps: list[mf.FileEntry] = []
+        vectors: list[mf.FileEntry] = []
         for r in results:
             id_entry = mf.FileEntry.of_local(r.files["ids"], os.path.basename(r.files["ids"]))
             id_maps.append(id_entry)
             local[id_entry.file] = r.files["ids"]
+            vectors_name = ""
+            if "vectors" in r.files:
+                vec_entry = mf.FileEntry.of_local(r.files["vectors"], os.path.basename(r.files["vectors"]))
+                vectors.append(vec_entry)
+                local[vec_entry.file] = r.files["vectors"]
+                vectors_name = vec_entry.file
             for kind in ("float", "binary"):
                 entry = mf.FileEntry.of_local(r.files[kind], os.path.basename(r.files[kind]))
                 local[entry.file] = r.files[kind]
                 shards.append(mf.ShardEntry(
                     file=entry.file, sha256=entry.sha256, bytes=entry.bytes, ntotal=r.ntotal,
                     modality=r.plan.modality, kind=kind, id_map=id_entry.file, factory=r.factories[kind],
-                    search_params=r.search_params[kind], recall_at_10=r.recall[kind],
+                    search_params=r.search_params[kind], recall_at_10=r.recall[kind], vectors=vectors_name,
                 ))
         files: list[mf.FileEntry] = []
         for name, path in sorted(extra_files.items()):
@@ -700,6 +815,7 @@ def build_version(
                 search_params[name] = max(search_params.get(name, 0), int(value))
         parent = mf.read_latest(index_root)
         version = mf.next_version(index_root)
+        index_bytes = sum(s.bytes for s in shards)
         manifest = mf.Manifest(
             version=version,
             created_at=mf.utc_now_iso(),
@@ -716,11 +832,25 @@ def build_version(
             metrics=_metrics(results, scan, queries, metrics_extra),
             search_params=search_params,
             build_config=dataclasses.asdict(config),
+            vectors=tuple(vectors),
+            index_choice={m: t.choice.to_dict() for m, t in templates.items()},
+            build_stats={
+                "scan_s": round(scanned - started, 3),
+                "train_s": round(trained - scanned, 3),
+                "add_s": round(added - trained, 3),
+                "passes": 1 + passes,
+                "train_rows": train_rows,
+                "index_bytes": index_bytes,
+                "vectors_bytes": sum(v.bytes for v in vectors),
+                "process_peak_rss_bytes": _peak_rss_bytes(),
+            },
         )
         names = sorted(local)
         for i, name in enumerate(names):
             storage.put_file(local[name], storage.join(index_root, version, name))
             report("upload", i + 1, len(names))
+        manifest = dataclasses.replace(manifest, build_stats={**manifest.build_stats,
+                                                              "wall_s": round(time.monotonic() - started, 3)})
         mf.write_manifest(index_root, manifest)
     if publish:
         mf.write_latest(index_root, version)
@@ -730,7 +860,7 @@ def build_version(
 
 
 def publish_version(index_root: str, version: str) -> mf.Manifest:
-    """Point LATEST at an uploaded version (one built with publish=False)."""
+    """Point LATEST at an uploaded version (one built with publish=False), without a gate."""
     manifest = mf.read_manifest(index_root, version)
     mf.write_latest(index_root, version)
     return manifest

@@ -26,7 +26,7 @@ The version fits when ``total_vectors * (float + binary bytes per vector) + shar
 and read only the candidates' rows.
 
 Training cost (on the sample, once per modality; shards clone the trained template):
-k-means over ``train_rows x L x d x niter`` (niter = KMEANS_NITER), PQ codebooks over
+k-means over ``train_rows x L x d x 10`` (faiss's 10 iterations), PQ codebooks over
 at most 65536 rows, OPQ about ten PQ trainings more; HNSW needs no training but its
 build costs roughly 3-5x an IVF-Flat add of the same rows. ``L = 4 sqrt(n)``, capped
 so that every list gets at least MIN_TRAIN_PER_LIST training rows.
@@ -54,6 +54,12 @@ lengths the 10 nearest codes lie within a radius of 2-3); else ``BIVF{L}``.
 
 Explicit factory strings in the config always win; their size is estimated when the
 form is one of the above, else left unknown (the manifest records the real sizes).
+
+Search parameters (``tune_search_params``), per shard after its rows are added, on
+the held-out recall queries: the smallest nprobe (powers of two up to nlist),
+efSearch (16 ... 1024) or nflip (0 ... 6) whose recall@10 reaches the target, else
+the largest tried. Product-quantized shards also get ``rerank`` (4, 16, 64: the
+smallest that reaches the target with some nprobe).
 """
 
 from __future__ import annotations
@@ -61,9 +67,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from xmodal_index.sinks.errors import SinkError
+from xmodal_index.sinks.loader import RERANK_PARAM, apply_search_params, tunable_param
 
 FLAT_MAX_VECTORS = 50_000
 HNSW_MIN_VECTORS = 2_000_000
@@ -72,11 +79,17 @@ HNSW_M = 32
 BINARY_FLAT_MAX_VECTORS = 100_000
 BINARY_HASH_MAX_BITS = 24
 MIN_TRAIN_PER_LIST = 32
-KMEANS_NITER = 10
 OPQ_MIN_DIMS_PER_CODE = 8
 PQ_CODEBOOK = 256
 ID_BYTES = 8
 DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30
+NPROBE_DEFAULT_DIVISOR = 16  # nprobe = nlist / 16 when nothing can be measured
+EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
+EF_SEARCH_DEFAULT = 64
+NFLIP_MAX = 6
+NFLIP_DEFAULT = 2
+RERANK_CANDIDATES = (4, 16, 64)  # rerank * k candidates re-scored per product-quantized shard
+_PQ_RE = re.compile(r"(^|,)PQ\d+")
 
 
 class IndexChoiceError(SinkError):
@@ -217,8 +230,12 @@ def choose_index(n: int, dim: int, bits: int, *, memory_budget_bytes: int, recal
         if f_size is None or b_size is None:
             return IndexChoice(float_factory, binary_factory, None, None, None, memory_budget_bytes, "; ".join(reasons))
         per_vector, fixed = f_size[0] + b_size[0], f_size[1] + b_size[1]
-        return IndexChoice(float_factory, binary_factory, per_vector, fixed, _total(per_vector, fixed, total, shards),
-                           memory_budget_bytes, "; ".join(reasons))
+        need = _total(per_vector, fixed, total, shards)
+        if need > memory_budget_bytes:
+            reasons.append(f"estimated {need} bytes, over memory_budget_bytes = {memory_budget_bytes}: "
+                           "configured factories are used as given")
+        return IndexChoice(float_factory, binary_factory, per_vector, fixed, need, memory_budget_bytes,
+                           "; ".join(reasons))
     b_per_vector, b_fixed = b_size if b_size is not None else (bits // 8 + ID_BYTES, 0)
     smallest: tuple[int, str] | None = None
     for factory, why in _float_candidates(n, dim, recall_target, train_rows):
@@ -245,3 +262,60 @@ def choose_factories(n: int, dim: int, bits: int, config: ChoiceSettings, total_
                           total_vectors=total_vectors, shards=shards, float_factory=config.float_factory,
                           binary_factory=config.binary_factory)
     return choice.float_factory, choice.binary_factory
+
+
+# ---------------------------------------------------------------- search parameters
+
+
+def uses_product_quantizer(factory: str) -> bool:
+    """True for factories whose codes are PQ (recall needs a re-rank with exact vectors)."""
+    return bool(_PQ_RE.search(factory.replace(" ", "")))
+
+
+def _param_candidates(name: str, limit: int) -> list[int]:
+    if name == "nprobe":
+        return [1 << i for i in range(max(1, limit).bit_length()) if (1 << i) < limit] + [limit]
+    if name == "nflip":
+        return list(range(0, min(limit, NFLIP_MAX) + 1))
+    return list(EF_SEARCH_CANDIDATES)
+
+
+def _default_value(name: str, limit: int) -> int:
+    if name == "nprobe":
+        return max(1, limit // NPROBE_DEFAULT_DIVISOR)
+    return EF_SEARCH_DEFAULT if name == "efSearch" else NFLIP_DEFAULT
+
+
+def tune_search_params(index: Any, *, binary: bool, recall_target: float, fixed: Mapping[str, int],
+                       measure: Callable[[Mapping[str, int]], float] | None,
+                       rerank: bool = False) -> tuple[dict[str, int], float | None]:
+    """Set the index's search parameter and return (params, recall@10 measured with them).
+
+    fixed: configured values ({"nprobe": 0, "efSearch": 0}: 0 = tune). measure(params)
+    returns recall@10 with the parameters applied (None: nothing to measure, defaults
+    are used). rerank: also choose RERANK_PARAM (product-quantized shards).
+    """
+    param = tunable_param(index, binary)
+    reranks = RERANK_CANDIDATES if rerank else (0,)
+    best: tuple[dict[str, int], float | None] = ({}, None)
+    for factor in reranks:
+        extra = {RERANK_PARAM: factor} if factor else {}
+        if param is None:
+            best = (extra, measure(extra) if measure else None)
+        else:
+            name, limit = param
+            value = int(fixed.get(name, 0))
+            if value or measure is None:
+                value = (min(value, limit) if name == "nprobe" else value) if value else _default_value(name, limit)
+                values = [value]
+            else:
+                values = _param_candidates(name, limit)
+            for value in values:
+                params = {name: value, **extra}
+                apply_search_params(index, params, binary)
+                best = (params, measure(params) if measure else None)
+                if best[1] is not None and best[1] >= recall_target:
+                    break
+        if measure is None or (best[1] is not None and best[1] >= recall_target):
+            break
+    return best

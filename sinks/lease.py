@@ -132,6 +132,11 @@ def lease_uri(workdir: str) -> str:
     return storage.join(workdir, LEASE_NAME)
 
 
+# Tokens of the leases this process holds now: a lease naming this process but none
+# of these tokens was left behind by an earlier holder in this process.
+_held_tokens: set[str] = set()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -363,8 +368,11 @@ class Lease:
         """Why ``info`` may be taken over, or None while its holder may still be alive."""
         if info.expires_at <= self._clock():
             return f"expired at {_iso(info.expires_at)}"
-        if info.host == self._host and info.pid != os.getpid() and not _pid_alive(info.pid):
-            return f"its process {info.pid} on {info.host} is gone"
+        if info.host == self._host:
+            if info.pid == os.getpid() and info.token not in _held_tokens:
+                return "it was left behind by an earlier run in this process"
+            if info.pid != os.getpid() and not _pid_alive(info.pid):
+                return f"its process {info.pid} on {info.host} is gone"
         return None
 
     # ------------------------------------------------------------ acquire / release
@@ -408,6 +416,7 @@ class Lease:
 
     def _acquired(self, info: LeaseInfo, version: str) -> LeaseInfo:
         self._info, self._version, self._lost = info, version, None
+        _held_tokens.add(self._token)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.run_id}", daemon=True)
         self._thread.start()
@@ -424,6 +433,7 @@ class Lease:
             if self._info is None:
                 return
             version, self._info, self._version = self._version, None, None
+            _held_tokens.discard(self._token)
             if self._lost is not None:
                 return
             try:

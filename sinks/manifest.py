@@ -354,6 +354,24 @@ def read_manifest(index_root: str, version: str) -> Manifest:
     return manifest
 
 
+def missing_files(index_root: str, manifest: Manifest) -> list[str]:
+    """Files the manifest lists that are absent or of another size under the version
+    (a cheap check by listing; the loader verifies every sha256 before serving)."""
+    prefix = storage.join(index_root, manifest.version)
+    try:
+        sizes = {obj.uri.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: obj.size for obj in storage.list_objects(prefix)}
+    except ObjectNotFoundError:
+        sizes = {}
+    problems = []
+    for entry in manifest.all_files():
+        size = sizes.get(entry.file)
+        if size is None:
+            problems.append(f"{entry.file} is missing")
+        elif size != entry.bytes:
+            problems.append(f"{entry.file} has {size} bytes, the manifest says {entry.bytes}")
+    return problems
+
+
 def write_manifest(index_root: str, manifest: Manifest) -> str:
     uri = manifest_uri(index_root, manifest.version)
     storage.write_bytes(uri, manifest.to_json().encode("utf-8"))

@@ -29,6 +29,7 @@ from xmodal_index.sinks.index_build import (
     choose_factories,
     publish_version,
 )
+from xmodal_index.sinks.index_choice import IndexChoiceError
 from xmodal_index.sinks.schema import embedding_schema, segment_id
 
 DIM, BITS = 32, 32
@@ -99,6 +100,7 @@ def _one_faiss_thread():
 @pytest.mark.parametrize("field, value", [
     ("metric", "l2"), ("max_shard_vectors", 0), ("nprobe", -1), ("ef_search", -3),
     ("recall_sample", -1), ("train_sample", 0), ("recall_target", 1.5), ("float_factory", " "),
+    ("memory_budget_bytes", 0), ("add_threads", -1),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -110,9 +112,8 @@ def test_auto_factories_are_exact_for_small_shards():
 
 
 def test_auto_factories_are_ivf_for_large_shards():
-    float_factory, binary_factory = choose_factories(1_000_000, 256, 64, IndexBuildConfig())
-    assert float_factory.startswith("IVF4000,")
-    assert binary_factory == "BIVF4000"
+    # 4 sqrt(1M) = 4000 lists, capped at 100k training rows / 32 per list
+    assert choose_factories(1_000_000, 256, 64, IndexBuildConfig()) == ("IVF3125,Flat", "BIVF3125")
 
 
 def test_explicit_factories_win_over_auto():
@@ -223,6 +224,56 @@ def test_build_reads_parquet_parts_through_batch_reader(tmp_path):
     manifest = build_version(batch_reader(str(parts), batch_rows=64), str(tmp_path / "idx"), model_id=MODEL,
                              dim=DIM, bits=BITS, config=SMALL)
     assert manifest.ntotal == 500
+
+
+def test_parallel_shard_adds_give_the_same_files_as_one_thread(tmp_path):
+    rows = make_rows(COUNTS)
+    parallel = build(rows, tmp_path / "a", dataclasses.replace(SMALL, add_threads=4))
+    serial = build(rows, tmp_path / "b", dataclasses.replace(SMALL, add_threads=1))
+    assert [(f.file, f.sha256) for f in parallel.all_files()] == [(f.file, f.sha256) for f in serial.all_files()]
+
+
+def test_shards_beyond_the_memory_budget_are_filled_in_more_passes(tmp_path):
+    rows = make_rows({"video": 600, "audio": 400})
+    flat = dict(float_factory="Flat", binary_factory="BFlat", max_shard_vectors=250, recall_sample=20)
+    roomy = build(rows, tmp_path / "a", IndexBuildConfig(**flat))
+    # five 200-row shards of 200 x (32 x 4 + 8 + 4 + 8) = 29 600 bytes each: two per pass at most
+    tight = build(rows, tmp_path / "b", IndexBuildConfig(memory_budget_bytes=80_000, **flat))
+    assert roomy.build_stats["passes"] == 2  # scan + one add pass
+    assert tight.build_stats["passes"] == 1 + 3  # 5 shards, two per pass
+    assert [(f.file, f.sha256) for f in roomy.all_files()] == [(f.file, f.sha256) for f in tight.all_files()]
+
+
+def test_stored_vectors_are_the_rows_in_float16_located_through_the_id_map(tmp_path):
+    rows = make_rows({"video": 600})
+    manifest = build(rows, tmp_path / "idx")
+    version_dir = tmp_path / "idx" / manifest.version
+    for shard in (s for s in manifest.shards if s.kind == "float"):
+        vectors = np.load(version_dir / shard.vectors)
+        table = pq.read_table(version_dir / shard.id_map)
+        assert vectors.dtype == np.float16 and vectors.shape == (shard.ntotal, DIM)
+        index_of = {int(i): n for n, i in enumerate(rows.ids)}
+        want = rows.x[[index_of[i] for i in table.column("segment_id").to_pylist()]]
+        got = vectors[table.column("vector_row").to_numpy()]
+        np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_the_manifest_records_the_choice_and_the_build(tmp_path):
+    manifest = build(make_rows(COUNTS), tmp_path / "idx")
+    assert set(manifest.index_choice) == set(COUNTS)
+    assert manifest.index_choice["video"]["float_factory"] == "Flat"
+    assert manifest.index_choice["video"]["memory_budget_bytes"] == SMALL.memory_budget_bytes
+    assert "exact search" in manifest.index_choice["video"]["reason"]
+    stats = manifest.build_stats
+    assert stats["wall_s"] > 0 and stats["passes"] == 2
+    assert stats["index_bytes"] == sum(s.bytes for s in manifest.shards)
+    assert stats["vectors_bytes"] == sum(v.bytes for v in manifest.vectors) > 0
+
+
+def test_a_budget_no_index_fits_is_an_error_before_anything_is_written(tmp_path):
+    with pytest.raises(IndexChoiceError, match="memory_budget_bytes"):
+        build(make_rows({"text": 100}), tmp_path / "idx", IndexBuildConfig(memory_budget_bytes=100, recall_sample=10))
+    assert mf.list_versions(str(tmp_path / "idx")) == []
 
 
 # ---------------------------------------------------------------- versions and publishing

@@ -228,7 +228,7 @@ def _tamper(path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("which", ["float shard", "binary shard", "id map", "extra file"])
+@pytest.mark.parametrize("which", ["float shard", "binary shard", "id map", "stored vectors", "extra file"])
 def test_a_flipped_byte_in_any_file_refuses_the_version(tmp_path, which):
     archive = Archive({"video": 300, "text": 100}, seed=1)
     checkpoint = tmp_path / "model.safetensors"
@@ -239,6 +239,7 @@ def test_a_flipped_byte_in_any_file_refuses_the_version(tmp_path, which):
         "float shard": next(s.file for s in manifest.shards if s.kind == "float"),
         "binary shard": next(s.file for s in manifest.shards if s.kind == "binary"),
         "id map": manifest.id_maps[-1].file,
+        "stored vectors": manifest.vectors[0].file,
         "extra file": "model.safetensors",
     }[which]
     _tamper(tmp_path / "idx" / manifest.version / name)

@@ -225,6 +225,18 @@ def test_announced_oversized_body_is_refused_before_it_is_sent(server):
     assert reply.startswith(b"HTTP/1.1 413")
 
 
+def test_body_trickling_in_past_the_time_budget_gets_408(handle):
+    with QueryServer(handle, ServerConfig(port=0, request_timeout_s=0.5)) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n")
+        for _ in range(8):  # one byte every 0.15 s: each read is quick, the whole body is not
+            sock.sendall(b" ")
+            time.sleep(0.15)
+        reply = sock.makefile("rb").readline()
+    assert reply.startswith(b"HTTP/1.1 408")
+
+
 def test_unsupported_content_type_gets_415(server):
     status, body, _ = request(server, "POST", "/query", b"seven", {"Content-Type": "text/plain"})
     assert status == 415 and "multipart/form-data" in body["error"]
@@ -294,9 +306,12 @@ def tamper_copy(index_root, src: str, dst: str) -> None:
     mf.write_latest(str(index_root), dst)
 
 
-def test_serve_keeps_answering_while_a_new_version_is_swapped_in(built, tmp_path):
-    archive, workdir = built
-    archive, workdir = shutil.copytree(archive, tmp_path / "archive"), shutil.copytree(workdir, tmp_path / "work")
+def test_serve_keeps_answering_while_a_new_version_is_swapped_in(tmp_path):
+    archive, workdir = tmp_path / "archive", tmp_path / "work"
+    build_sample_archive(str(archive), videos=1, segments_per_video=2)
+    config = tmp_path / "job.toml"
+    config.write_text(CONFIG.format(seed=0))
+    run_job(archive, workdir, config)
     index_root = workdir / "indexes" / "main"
     poll_s = 0.2
     statuses, versions = [], set()
@@ -319,7 +334,6 @@ def test_serve_keeps_answering_while_a_new_version_is_swapped_in(built, tmp_path
         try:
             # a new file and a new encoder seed: v000002 needs another encoder, loaded before the swap
             (archive / "text" / "added.txt").write_text("nine")
-            config = tmp_path / "job.toml"
             config.write_text(CONFIG.format(seed=1))
             run_job(archive, workdir, config)
             assert wait_for(lambda: request(srv, "GET", "/healthz")[1]["version"] == "v000002", 20 * poll_s + 10)

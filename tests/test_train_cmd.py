@@ -150,3 +150,14 @@ def test_eval_refuses_an_unknown_fold(tmp_path, tiny_data):
     args = ["--fsdd", str(tiny_data[0]), "--digits", str(tiny_data[1]), "--folds", "carol", "--out", str(tmp_path / "r.json")]
     result = CliRunner().invoke(eval_cmd, args)
     assert result.exit_code != 0 and "carol" in result.output
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_with_mixed_precision(tmp_path, tiny_data):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out, summary = _run_train(tmp_path, tiny_data, "--device", "cuda", "--epochs", "4")
+    assert summary["losses"][-1] < summary["losses"][0]
+    enc = load_builtin(EncoderConfig(checkpoint=str(out), dim=32, bits=16, device="cuda"))
+    assert enc.encode("audio", [np.zeros(16000, np.float32)]).embeddings.shape == (1, 32)
