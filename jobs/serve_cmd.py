@@ -18,7 +18,7 @@ from xmodal_index.sinks.hot_swap import HotSwapConfig, IndexHandle
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
-_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.sinks.hot_swap")
+_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_cmd", "xmodal_index.sinks.hot_swap")
 
 
 @click.command(context_settings={"show_default": True})
@@ -34,10 +34,13 @@ _SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.sinks.hot_swap")
               help="Seconds between two reads of LATEST; a new version is verified and loaded before it is swapped in.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 * MiB,
               help="Largest request body in bytes (32 MiB); larger requests get 413.")
-@click.option("--max-k", type=click.IntRange(min=1), default=1000, help="Largest k (hits per query) a request may ask for; more gets 422.")
+@click.option("--max-k", type=click.IntRange(min=1), default=1000,
+              help="Largest k (hits per query) a request may ask for; more gets 422.")
 @click.option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              help="Seconds one request may take, from its first byte to its answer; slower queries get 504.")
-@click.option("--threads", type=click.IntRange(min=1), default=4, help="Worker threads running queries at the same time.")
+              help="Seconds one request may take, from its first byte to its answer: a body still arriving "
+                   "then gets 408, a query still running 504.")
+@click.option("--threads", type=click.IntRange(min=1), default=4,
+              help="Worker threads running queries at the same time.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where versions of a remote (s3://) index are fetched (default: $XMODAL_INDEX_CACHE or "
                    "~/.cache/xmodal-index).")

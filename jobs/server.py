@@ -312,11 +312,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unknown method): JSON like the rest."""
-        if code >= 400 and code not in (http.HTTPStatus.NO_CONTENT, http.HTTPStatus.NOT_MODIFIED):
-            self.close_connection = True
-            self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
-        else:
-            super().send_error(code, message, explain)
+        self.close_connection = True
+        self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Access lines are written by _send_json, with the time taken."""

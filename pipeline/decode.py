@@ -341,8 +341,8 @@ class _FrameSampler:
             raise TruncatedMediaError(f"{uri}: truncated file: {n} of {declared} indexed video frames are readable")
         try:
             times = self._reader.get_frame_timestamp(np.arange(n))
-        except _DECORD_ERRORS as err:
-            raise DecodeError(f"{uri}: cannot read the video frame index: {err}") from err
+        except _DECORD_ERRORS as err:  # decord counted frames it then cannot find
+            raise DecodeError(f"{uri}: the video track has no readable frames ({err})") from err
         if len(times) == 0:
             raise DecodeError(f"{uri}: the video track has no readable frames")
         self._starts = times[:, 0] - times[0, 0]
