@@ -69,6 +69,8 @@ def run_archive(args: argparse.Namespace) -> None:
         truth: dict[tuple[str, str, float], int] = {}
         for line in (Path(tmp) / "ground_truth.jsonl").read_text().splitlines():
             row = json.loads(line)
+            if args.speaker and row["modality"] == "audio" and row.get("speaker") != args.speaker:
+                continue  # audio of the other speakers is left out of the check
             truth[(row["path"], row["modality"], round(row["start_s"], 2))] = row["digit"]
         payloads: dict[str, list] = defaultdict(list)
         labels: dict[str, list] = defaultdict(list)
@@ -87,7 +89,7 @@ def run_archive(args: argparse.Namespace) -> None:
     labels_np = {k: np.asarray(v) for k, v in labels.items()}
     print(f"archive: {config.videos} videos x {config.segments_per_video} slots (seed {config.seed}); "
           f"segments: {', '.join(f'{k} {len(v)}' for k, v in payloads.items())}; decode {decode_s:.0f} s")
-    print(f"model {encoder.model_id}")
+    print(f"model {encoder.model_id}" + (f"; audio of speaker {args.speaker} only" if args.speaker else ""))
     print(f"{'query -> database':<28}{'float':>8}{'64 bits':>9}{'top-1':>8}")
     pairs = [("audio", "video"), ("video", "audio"), ("text", "video"), ("text", "audio"), ("audio", "text"),
              ("audio file", "video"), ("image file", "audio"), ("text file", "video"), ("audio file", "image file")]
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=30, help="archive step: videos in the test archive")
     parser.add_argument("--slots", type=int, default=10, help="archive step: digit slots per video")
     parser.add_argument("--seed", type=int, default=123, help="archive step: seed of the test archive")
+    parser.add_argument("--speaker", default=None, help="archive step: keep only this FSDD speaker's audio")
     args = parser.parse_args()
     {"checkpoint": run_checkpoint, "eval": run_eval, "archive": run_archive}[args.step](args)
 

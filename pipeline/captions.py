@@ -168,7 +168,7 @@ def texts_per_segment(cues: Sequence[Cue], bounds: Iterable[tuple[float, float]]
         for cue in active:
             if cue.end_s <= start:
                 ended += 1
-            elif length < max_chars:
+            elif length <= max_chars:
                 parts.append(cue.text)
                 length += len(cue.text) + 1
             else:

@@ -546,8 +546,11 @@ def _sidecar_cues(item, config: DecodeConfig) -> list[captions.Cue]:
         if not uri.lower().endswith(captions.TIMED_CAPTION_EXTS):
             logger.warning("%s: sidecar %s has no timing (not .vtt or .srt); ignored", item.uri, uri)
             continue
-        with _fetch(uri) as path:
-            cues.extend(_read_cues(path, uri, config))
+        try:
+            with _fetch(uri) as path:
+                cues.extend(_read_cues(path, uri, config))
+        except DecodeError as err:  # the item fails; its message names the item, then the sidecar
+            raise type(err)(f"{item.uri}: caption sidecar {err}", stage=err.stage) from err
     return sorted(cues, key=lambda c: (c.start_s, c.end_s))
 
 

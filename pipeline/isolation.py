@@ -29,6 +29,7 @@ segfault, a hang or a memory blow-up without a test hook in the decoder itself.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import multiprocessing
@@ -36,6 +37,7 @@ import multiprocessing.connection
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -125,6 +127,30 @@ def _worker_main(conn, memory_mb: int, parent_pid: int) -> None:
 # -------------------------------------------------------------------------- parent
 
 
+_start_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a worker without the parent's ``__main__``. A spawned child re-runs the
+    parent's main script first (for ``xmodal-index``, the whole CLI: Beam and torch,
+    2-3 s and hundreds of MiB per worker); a worker needs only this module, and its
+    requests name module-level functions of importable modules."""
+    main = sys.modules.get("__main__")
+    with _start_lock:
+        if main is None:
+            yield
+            return
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 class _Worker:
     """One child process and the parent's end of its pipe."""
 
@@ -132,7 +158,8 @@ class _Worker:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child_conn, memory_mb, os.getpid()),
                                    name="xmodal-decode-worker", daemon=True)
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()
         child_conn.close()  # so that the child's death reads as EOF here
         self.ready = False
 

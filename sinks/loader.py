@@ -281,6 +281,7 @@ class _Shard:
 
 
 SEARCH_MODES = ("float", "two_stage")
+SMALL_BATCH_QUERIES = 20  # below this many queries a shard is searched on one thread
 DEFAULT_CANDIDATES = 100  # two-stage: Hamming candidates per shard when not given
 
 
@@ -386,11 +387,18 @@ class IndexVersion:
         return [s for s in self._shards
                 if s.entry.kind == kind and (modalities is None or s.entry.modality in modalities)]
 
-    def _run(self, shards: list[_Shard], fn: Callable[[_Shard], tuple[np.ndarray, np.ndarray]]
+    def _run(self, shards: list[_Shard], fn: Callable[[_Shard], tuple[np.ndarray, np.ndarray]], nq: int
              ) -> list[tuple[np.ndarray, np.ndarray]]:
-        if len(shards) == 1:
-            return [fn(shards[0])]
-        return list(self._pool.map(fn, shards))
+        # Shards run on the pool's threads, each with its own OpenMP team size: one thread
+        # for small batches (an OpenMP barrier on a busy core costs more than the search),
+        # else the cores shared among the shards.
+        threads = 1 if nq < SMALL_BATCH_QUERIES else max(1, (os.cpu_count() or 1) // len(shards))
+
+        def task(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
+            faiss.omp_set_num_threads(threads)
+            return fn(shard)
+
+        return list(self._pool.map(task, shards))
 
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         codes = np.ascontiguousarray(codes)
@@ -465,7 +473,7 @@ class IndexVersion:
         nq = len(queries)
         if not shards or nq == 0:
             return [[] for _ in range(nq)]
-        results = self._run(shards, fn)
+        results = self._run(shards, fn, nq)
         dist = np.concatenate([d.astype(np.float64) for d, _ in results], axis=1)
         ids = np.concatenate([i for _, i in results], axis=1)
         owner = np.concatenate([np.full(i.shape, n, np.int32) for n, (_, i) in enumerate(results)], axis=1)

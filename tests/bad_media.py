@@ -15,19 +15,22 @@ Everything is small (64x64 frames, a few seconds) and is made in about a second.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import fractions
 import io
 import os
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
 import numpy as np
 from PIL import Image
 
 from tests import media_factory as mf
+from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, decode_item
+from xmodal_index.pipeline.types import MediaItem, Segment
 
 INDEXED = "indexed"
 DEAD = "dead-lettered"
@@ -198,6 +201,9 @@ def wrong_extensions(src: Path, outside: Path) -> list[Case]:
     for name, source, target, modalities in pairs:
         (src / target).write_bytes(source.read_bytes())
         cases.append(indexed(name, src / target, modalities))
+    utf16 = src / "utf16_with_bom.txt"  # its BOM (FF FE) looks like an MPEG audio frame sync
+    utf16.write_bytes("Notes saved by an old editor, in UTF-16.".encode("utf-16"))
+    cases.append(indexed("UTF-16 text with a BOM", utf16, {"text"}))
     return cases
 
 
@@ -387,9 +393,9 @@ def bad_sidecars(src: Path, outside: Path) -> list[Case]:
     good = mf.make_video(src / "with_latin1_captions.mp4", duration_s=2.0)
     (src / "with_latin1_captions.srt").write_bytes(b"1\n00:00:00,000 --> 00:00:01,500\nd\xe9j\xe0 vu\n")
     return [dead("video with malformed sidecar", broken, "probe", "ProbeError",
-                 r"with_broken_captions\.vtt: no valid caption cue"),
+                 r"with_broken_captions\.mp4: caption sidecar .*with_broken_captions\.vtt: no valid caption cue"),
             dead("video with oversized sidecar", large, "probe", "LimitExceededError",
-                 r"with_huge_captions\.srt: caption file is over max_caption_bytes"),
+                 r"caption sidecar .*with_huge_captions\.srt: caption file is over max_caption_bytes"),
             indexed("video with Latin-1 sidecar", good, AV | {"text"})]
 
 
@@ -445,6 +451,40 @@ def symbolic_links(src: Path, outside: Path) -> list[Case]:
             not_listed("dangling link", dangling),
             not_listed("link to itself", loop),
             not_listed("file under a linked directory", linked_dir / "secret.png")]
+
+
+# ------------------------------------------------------------------ faults
+
+
+FAULT_URI_PREFIX = "fault://"
+
+
+def _segments(uri: str, n: int, nbytes: int = 100_000) -> Iterator[Segment]:
+    for k in range(n):
+        yield Segment(uri, "e", "audio", float(k), float(k + 1), np.zeros(nbytes // 4, np.float32))
+
+
+def decode_or_fail(item: MediaItem, config: DecodeConfig) -> Iterator[Segment]:
+    """A decode function (``DecodeSegments(decode_fn=...)``) for fault tests: items
+    named ``fault://NAME`` yield 100 kB segments, then fail as NAME says (good,
+    fails-small, fails-large, crashes: a SIGSEGV); other items go to decode_item."""
+    if not item.uri.startswith(FAULT_URI_PREFIX):
+        yield from decode_item(item, config)
+        return
+    name = item.uri[len(FAULT_URI_PREFIX):]
+    if name == "good":
+        yield from _segments(item.uri, 3)
+    elif name == "fails-small":
+        yield from _segments(item.uri, 2)
+        raise DecodeError(f"{item.uri}: damaged midway")
+    elif name == "fails-large":
+        yield from _segments(item.uri, 20)
+        raise DecodeError(f"{item.uri}: damaged after the hold filled")
+    elif name == "crashes":
+        yield from _segments(item.uri, 2)
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    else:
+        raise ValueError(f"unknown fault {name!r}")
 
 
 # ------------------------------------------------------------------ helpers
