@@ -15,8 +15,8 @@ the steady-state cost per item.
 
 With --runs N (and --sample or --media-dir), it also times N rounds of the whole
 `xmodal-index run` over the same archive with [run] isolate_decoding on and off
-(fresh workdir each time; wall_s from the run's summary.json), which adds the
-workers' start-up to the per-item cost. Prints the best wall time of each variant, media
+(fresh workdir each time, the `xmodal-index` console script; wall_s from the run's
+summary.json), which adds the workers' start-up to the per-item cost. Prints the best wall time of each variant, media
 seconds decoded per wall second, and the ratio to in-process (lower is better),
 then the same for the median round (shared machines are noisy: compare both).
 """
@@ -96,6 +96,10 @@ def isolated(decoder: IsolatedDecoder, items) -> int:
     return total
 
 
+# The console script users run (its decode workers must not re-run it: see isolation.py).
+CLI = os.path.join(os.path.dirname(sys.executable), "xmodal-index")
+
+
 def time_runs(source: str, config_path: str | None, rounds: int, workdir: str) -> None:
     """Median wall of whole runs over ``source``, decoding isolated and in the Beam worker."""
     base = tomllib.loads(open(config_path).read()) if config_path else {}
@@ -107,8 +111,8 @@ def time_runs(source: str, config_path: str | None, rounds: int, workdir: str) -
             with open(conf_path, "w") as f:
                 json.dump(conf, f)
             work = os.path.join(workdir, f"work-{r}-{isolate}")
-            done = subprocess.run([sys.executable, "-m", "xmodal_index", "run", "--source", source, "--workdir", work,
-                                   "--config", conf_path], capture_output=True, text=True)
+            done = subprocess.run([CLI, "run", "--source", source, "--workdir", work, "--config", conf_path],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"run failed ({done.returncode}): {done.stderr[-2000:]}")
             (summary,) = glob.glob(os.path.join(work, "runs", "*", "summary.json"))

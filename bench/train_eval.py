@@ -3,6 +3,8 @@
     python bench/train_eval.py checkpoint   # train encoders/checkpoints/builtin-digits.safetensors
     python bench/train_eval.py eval         # 5-fold speaker-held-out table -> bench/results.json
     python bench/train_eval.py archive      # bundled checkpoint on a freshly built sample archive
+    python bench/train_eval.py robustness --checkpoint FILE --speaker NAME
+                                            # held-out voice under other rates, loudness, noise
 
 Data paths default to ../shared/data beside the checkout (override with --data DIR).
 The archive check builds a sample archive with `xmodal_index.pipeline.sample_archive`
@@ -103,17 +105,75 @@ def run_archive(args: argparse.Namespace) -> None:
         print(f"{q + ' -> ' + d:<28}{map_float(emb[q], emb[d], ql, dl):>8.3f}{m64:>9.3f}{top1:>8.3f}")
 
 
+def run_robustness(args: argparse.Namespace) -> None:
+    """audio->image mAP of a held-out speaker's clips under recording conditions never trained on."""
+    from xmodal_index.encoders.config import EncoderConfig
+    from xmodal_index.encoders.evaluation import ModalitySet, fold_sets, map_float, map_hamming
+    from xmodal_index.encoders.loading import load_encoder
+    from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd, resample
+
+    if not args.checkpoint or not args.speaker:
+        raise SystemExit("robustness needs --checkpoint (trained without --speaker) and --speaker")
+    fsdd, digits = _data(args)
+    _, sets = fold_sets(load_fsdd(fsdd), load_digit_images(digits), args.speaker)
+    encoder = load_encoder(EncoderConfig(checkpoint=args.checkpoint))
+    images = encoder.embed("image", list(sets["image"].payloads))
+    rng = np.random.default_rng(0)
+    sr = 16000
+
+    def via(rate: int):
+        return lambda x: resample(resample(x, sr, rate), rate, sr)
+
+    def noisy(snr_db: float):
+        return lambda x: x + rng.standard_normal(x.size).astype(np.float32) * np.sqrt(np.mean(x**2)) / 10 ** (snr_db / 20)
+
+    def in_window(x):  # 2 s of silence-padded audio at a random offset, 30 dB quieter
+        out = np.zeros(2 * sr, np.float32)
+        start = int(rng.integers(0, max(1, out.size - x.size)))
+        out[start : start + x.size] = x[: out.size] * 10 ** (-30 / 20)
+        return out
+
+    def wideband(x):  # what a 44.1 kHz microphone adds above the 4 kHz an 8 kHz recording keeps
+        spec = np.fft.rfft(rng.standard_normal(x.size))
+        spec[: int(spec.size * 4000 / 8000)] = 0
+        envelope = np.convolve(np.abs(x), np.hanning(641), mode="same")  # smooth (40 ms): adds no low frequencies
+        hiss = np.fft.irfft(spec, n=x.size) * envelope / (envelope.max() + 1e-9)
+        return x + hiss.astype(np.float32) * np.sqrt(np.mean(x**2)) / (np.sqrt(np.mean(hiss**2)) + 1e-9)
+
+    conditions = {
+        "as recorded (8 kHz source)": lambda x: x,
+        "quiet (-30 dB)": lambda x: x * 10 ** (-30 / 20),
+        "loud, clipped (+12 dB)": lambda x: np.clip(x * 4.0, -1, 1),
+        "via 22.05 kHz": via(22050),
+        "via 44.1 kHz": via(44100),
+        "energy added at 4-8 kHz (0 dB)": wideband,
+        "white noise, 20 dB SNR": noisy(20.0),
+        "white noise, 10 dB SNR": noisy(10.0),
+        "2 s window, random offset, -30 dB": in_window,
+        "faster (x1.1)": lambda x: resample(x, sr, int(sr / 1.1)),
+        "slower (x0.9)": lambda x: resample(x, sr, int(sr / 0.9)),
+    }
+    labels = sets["audio"].labels
+    print(f"model {encoder.model_id}; held-out speaker {args.speaker}; {len(labels)} clips vs {len(images)} images")
+    print(f"{'condition':<36}{'float':>8}{'64 bits':>9}")
+    for name, fn in conditions.items():
+        audio = encoder.embed("audio", [fn(np.asarray(x, np.float32)).astype(np.float32) for x in sets["audio"].payloads])
+        m64 = map_hamming(encoder.codes(audio, 64), encoder.codes(images, 64), labels, sets["image"].labels)
+        print(f"{name:<36}{map_float(audio, images, labels, sets['image'].labels):>8.3f}{m64:>9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["checkpoint", "eval", "archive"])
+    parser.add_argument("step", choices=["checkpoint", "eval", "archive", "robustness"])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="directory with fsdd/ and digits/")
-    parser.add_argument("--checkpoint", default=None, help="archive step: checkpoint to test (default: bundled)")
+    parser.add_argument("--checkpoint", default=None, help="archive/robustness: checkpoint to test (default: bundled)")
     parser.add_argument("--videos", type=int, default=30, help="archive step: videos in the test archive")
     parser.add_argument("--slots", type=int, default=10, help="archive step: digit slots per video")
     parser.add_argument("--seed", type=int, default=123, help="archive step: seed of the test archive")
-    parser.add_argument("--speaker", default=None, help="archive step: keep only this FSDD speaker's audio")
+    parser.add_argument("--speaker", default=None, help="archive/robustness: the held-out FSDD speaker")
     args = parser.parse_args()
-    {"checkpoint": run_checkpoint, "eval": run_eval, "archive": run_archive}[args.step](args)
+    steps = {"checkpoint": run_checkpoint, "eval": run_eval, "archive": run_archive, "robustness": run_robustness}
+    steps[args.step](args)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ class BuiltinEncoder:
             raise CheckpointError(f"model has hash heads for {net.config.bits} bits, not {bits = }")
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
-        self.net = net.to(self.device).eval()
+        self.net = net.to(self.device).eval().to(memory_format=torch.channels_last)
         self.audio_frontend = AudioFrontend(net.config.audio).to(self.device)
         self.model_id = model_id
         self.dim = net.config.dim
@@ -223,9 +223,10 @@ class BuiltinEncoder:
     def _embed_batch(self, modality: str, payloads: list[Any]) -> np.ndarray:
         with self._lock, torch.inference_mode():
             if modality == "audio":
-                inputs: Any = self.audio_frontend(payloads)
+                inputs: Any = self.audio_frontend(payloads).contiguous(memory_format=torch.channels_last)
             elif modality == "image":
                 inputs = image_features(payloads, self.net.config.image).to(self.device)
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             else:
                 ids, offsets = text_features(payloads, self.net.config.text)
                 inputs = (ids.to(self.device), offsets.to(self.device))

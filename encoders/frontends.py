@@ -66,21 +66,26 @@ class MelSpectrogram(torch.nn.Module):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         shape = waveform.shape
         flat = waveform.reshape(-1, shape[-1])
+        half = self.n_fft // 2
+        mel = self.from_padded(F.pad(flat[:, None], (half, half), mode="reflect")[:, 0])
+        return mel.reshape(shape[:-1] + mel.shape[-2:])
+
+    def from_padded(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, samples) already centre-padded by n_fft // 2 on each side -> (B, n_mels, frames)."""
         spec = torch.stft(
-            flat,
+            padded,
             n_fft=self.n_fft,
             hop_length=self.hop_length,
             win_length=self.n_fft,
             window=self.window,
-            center=True,
-            pad_mode="reflect",
+            center=False,
             normalized=False,
             onesided=True,
             return_complex=True,
         )
-        power = spec.abs().pow(2.0)  # (B, n_freqs, frames)
-        mel = torch.matmul(power.transpose(-1, -2), self.fbank).transpose(-1, -2)
-        return mel.reshape(shape[:-1] + mel.shape[-2:])
+        ri = torch.view_as_real(spec)
+        power = ri[..., 0] ** 2 + ri[..., 1] ** 2  # |X|^2, (B, n_freqs, frames); cheaper than abs().pow(2)
+        return torch.matmul(power.transpose(-1, -2), self.fbank).transpose(-1, -2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,27 +135,13 @@ class AudioFrontend(torch.nn.Module):
         self.mel = MelSpectrogram(n_mels=config.n_mels)
         self.bands = config.bands
 
-    def forward_one(self, wave: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        min_len = self.mel.n_fft // 2 + 1  # reflect padding needs more samples than half a window
-        if wave.numel() < min_len:
-            wave = F.pad(wave, (0, min_len - wave.numel()))
-        mel = self.mel(wave)[: self.bands]  # (bands, T)
-        logmel = 10.0 * torch.log10(mel + 1e-10)
-        peak = logmel.max()
-        logmel = torch.clamp(logmel - peak, min=-cfg.floor_db)  # loudness-invariant, dB below peak
-        energy = 10.0 * torch.log10(mel.sum(0) + 1e-10)
-        voiced = torch.nonzero(energy >= energy.max() - cfg.trim_db).flatten()
-        start, stop = int(voiced[0]), int(voiced[-1]) + 1
-        start, stop = max(0, start - 2), min(logmel.shape[1], stop + 2)
-        region = logmel[:, start:stop]
-        region = F.interpolate(region[None], size=cfg.frames, mode="linear", align_corners=False)[0]
-        region = (region - region.mean()) / (region.std() + 1e-5)
-        return region
-
     def forward(self, waves: Sequence[np.ndarray]) -> torch.Tensor:
-        max_len = int(self.config.max_s * AUDIO_SAMPLE_RATE)
-        out = []
+        """All clips of a batch in one STFT; each clip's result does not depend on the others."""
+        cfg = self.config
+        device = self.mel.window.device
+        half = self.mel.n_fft // 2
+        max_len = int(cfg.max_s * AUDIO_SAMPLE_RATE)
+        padded, lengths = [], []
         for i, w in enumerate(waves):
             arr = np.asarray(w, dtype=np.float32)
             if arr.ndim != 1:
@@ -159,9 +150,45 @@ class AudioFrontend(torch.nn.Module):
                 raise FrontendError(f"audio payload {i} is empty")
             if not np.isfinite(arr).all():
                 arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-            t = torch.from_numpy(arr[:max_len].copy()).to(self.mel.window.device)
-            out.append(self.forward_one(t))
-        return torch.stack(out)[:, None]
+            t = torch.from_numpy(arr[:max_len].copy()).to(device)
+            if t.numel() <= half:  # reflect padding needs more samples than half a window
+                t = F.pad(t, (0, half + 1 - t.numel()))
+            lengths.append(t.numel())
+            padded.append(F.pad(t[None], (half, half), mode="reflect")[0])
+        batch = torch.zeros(len(padded), max(p.numel() for p in padded), device=device)
+        for i, p in enumerate(padded):
+            batch[i, : p.numel()] = p
+        n_frames = 1 + torch.tensor(lengths, device=device) // self.mel.hop_length
+        mel = self.mel.from_padded(batch)[:, : self.bands]  # (B, bands, T)
+        valid = torch.arange(mel.shape[2], device=device)[None, :] < n_frames[:, None]  # (B, T)
+
+        logmel = 10.0 * torch.log10(mel + 1e-10)
+        peak = logmel.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=(1, 2))
+        logmel = torch.clamp(logmel - peak[:, None, None], min=-cfg.floor_db)  # loudness-invariant, dB below peak
+
+        # voiced region: frames within trim_db of the loudest frame, plus 2 frames each side
+        energy = (10.0 * torch.log10(mel.sum(1) + 1e-10)).masked_fill(~valid, float("-inf"))
+        voiced = (energy >= energy.amax(dim=1, keepdim=True) - cfg.trim_db) & valid
+        first = voiced.int().argmax(dim=1)
+        last = voiced.shape[1] - 1 - voiced.flip(1).int().argmax(dim=1)
+        start = torch.clamp(first - 2, min=0)
+        length = torch.minimum(n_frames, last + 3) - start
+
+        # resample each region to cfg.frames (linear, align_corners=False, as F.interpolate)
+        k = torch.arange(cfg.frames, device=device, dtype=torch.float32)
+        scale = length.to(torch.float32)[:, None] / cfg.frames
+        src = torch.clamp((k[None, :] + 0.5) * scale - 0.5, min=0.0)
+        idx0 = torch.minimum(src.floor().long(), length[:, None] - 1)
+        lam = torch.clamp(src - idx0, 0.0, 1.0)
+        idx1 = idx0 + (idx0 < length[:, None] - 1).long()
+        bands = logmel.shape[1]
+        g0 = logmel.gather(2, (start[:, None] + idx0)[:, None, :].expand(-1, bands, -1))
+        g1 = logmel.gather(2, (start[:, None] + idx1)[:, None, :].expand(-1, bands, -1))
+        region = g0 + lam[:, None, :] * (g1 - g0)
+
+        mean = region.mean(dim=(1, 2), keepdim=True)
+        std = region.std(dim=(1, 2), keepdim=True)
+        return ((region - mean) / (std + 1e-5))[:, None]
 
 
 @dataclasses.dataclass(frozen=True)

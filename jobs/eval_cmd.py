@@ -139,7 +139,7 @@ def eval_cmd(fsdd, digits, checkpoint, methods, folds, quick, epochs, bits, imag
     columns = ["float"] + [str(b) for b in bits]
     means = {label: mean_over_folds(list(folds_.values())) for label, folds_ in per_fold.items()}
     protocol = benchmark_protocol(image_test_fraction, seed) + (
-        f" Folds: {', '.join(held_out)}." + (f" Methods trained per fold for {epochs} epochs." if not checkpoint else
+        f" Folds: {', '.join(held_out)}." + (f" Deep methods trained per fold for {epochs} epochs, CCA in closed form." if not checkpoint else
                                              " One fixed checkpoint for every fold: speaker-held-out only if it was "
                                              "trained without that speaker.")
     )
@@ -150,7 +150,7 @@ def eval_cmd(fsdd, digits, checkpoint, methods, folds, quick, epochs, bits, imag
         "folds": held_out,
         "results": {label: {"mean": means[label], "per_fold": per_fold[label],
                             "train_seconds": [round(s, 1) for s in train_seconds[label]]} for label in per_fold},
-        "command": command_line("eval", click.get_current_context().params),
+        "command": command_line(click.get_current_context()),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -64,19 +64,18 @@ def archive_tuples(archive: str, max_items: int) -> list[dict[str, Any]]:
     return [g for g in groups.values() if len(g) >= 2]
 
 
-def command_line(command: str, params: dict[str, Any]) -> str:
-    """The shell command that reproduces a click invocation from its parsed parameters."""
-    parts = ["xmodal-index", command]
-    for name, value in params.items():
-        if value is None or value is False:
+def command_line(ctx: click.Context) -> str:
+    """The shell command that reproduces a click invocation, every option spelled out."""
+    parts = ["xmodal-index", ctx.command.name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if not isinstance(param, click.Option) or value is None or value is False:
             continue
-        flag = "--" + name.replace("_", "-")
-        if value is True:
+        flag = max(param.opts, key=len)
+        if param.is_flag:
             parts.append(flag)
-        elif isinstance(value, tuple):
-            parts += [flag, ",".join(map(str, value))]
         else:
-            parts += [flag, str(value)]
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return shlex.join(parts)
 
 
@@ -167,7 +166,7 @@ def train(ctx: click.Context, fsdd, digits, archive, archive_items, objective, b
         result = train_model(data, config, progress=progress)
         path = write_checkpoint(
             result.net, out, name=name or f"builtin-{objective}", objective=objective, data_fingerprint=fingerprint,
-            command=command_line("train", ctx.params),
+            command=command_line(ctx),
             extra={"train_config": json.dumps(_config_dict(config), sort_keys=True),
                    "final_loss": f"{result.losses[-1]:.6f}" if result.losses else "closed-form"},
         )

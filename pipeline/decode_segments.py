@@ -95,6 +95,7 @@ class _DecodeFn(beam.DoFn):
             from xmodal_index.pipeline.isolation import IsolatedDecoder
 
             self._decoder = IsolatedDecoder(self._config, decode_fn=self._decode_fn)
+            self._decoder.start()  # the workers import their decoders while the bundle is set up
 
     def teardown(self) -> None:
         if self._decoder is not None:

@@ -337,13 +337,18 @@ class IsolatedDecoder:
 
     # -- workers
 
+    def start(self) -> None:
+        """Start the worker processes now, without waiting for them: they import their
+        decoders while the caller sets up the rest (otherwise the first item waits)."""
+        ctx = multiprocessing.get_context(self._start_method)
+        for i, worker in enumerate(self._workers):
+            if worker is None:
+                self._workers[i] = _Worker(ctx, self._config.memory_mb)
+
     def _worker(self, slot: int, uri: str) -> _Worker:
         """The worker of a slot, started (all empty slots at once) and ready."""
         if self._workers[slot] is None:
-            ctx = multiprocessing.get_context(self._start_method)
-            for i, worker in enumerate(self._workers):
-                if worker is None:
-                    self._workers[i] = _Worker(ctx, self._config.memory_mb)
+            self.start()
         worker = self._workers[slot]
         if not worker.ready:
             ready = worker.conn.poll(START_TIMEOUT_S)

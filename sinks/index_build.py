@@ -53,6 +53,7 @@ from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index_choice import (  # noqa: F401 - choose_factories is re-exported
+    BINARY_TRAIN_PER_LIST,
     DEFAULT_MEMORY_BUDGET_BYTES,
     IndexChoice,
     IndexChoiceError,
@@ -199,14 +200,21 @@ class _Sample:
             rows = rows[prio[rows] < self.prio[-1]]
         if not len(rows):
             return
-        taken = pa.array(rows)
+        old = len(self.ids)
         ids_all = np.concatenate([self.ids, ids[rows]])
         prio_all = np.concatenate([self.prio, prio[rows]])
-        x_all = np.concatenate([self.x, embedding_matrix(batch.column("embedding").take(taken))])
-        codes_all = np.concatenate([self.codes, hash_matrix(batch.column("hash_code").take(taken))])
         _, first = np.unique(ids_all, return_index=True)
         keep = first[np.lexsort((ids_all[first], prio_all[first]))][: self.capacity]
-        self.ids, self.prio, self.x, self.codes = ids_all[keep], prio_all[keep], x_all[keep], codes_all[keep]
+        # One new array per field: kept old rows are copied, kept new rows decoded from the batch.
+        from_old = keep < old
+        taken = pa.array(rows[keep[~from_old] - old])
+        x = np.empty((len(keep), self.x.shape[1]), np.float32)
+        codes = np.empty((len(keep), self.codes.shape[1]), np.uint8)
+        x[from_old] = self.x[keep[from_old]]
+        codes[from_old] = self.codes[keep[from_old]]
+        x[~from_old] = embedding_matrix(batch.column("embedding").take(taken))
+        codes[~from_old] = hash_matrix(batch.column("hash_code").take(taken))
+        self.ids, self.prio, self.x, self.codes = ids_all[keep], prio_all[keep], x, codes
 
 
 @dataclasses.dataclass
@@ -385,6 +393,8 @@ def _trained(kind: str, factory: str, n: int, modality: str, held_out: np.ndarra
         return factory, index
     need = _needed_training_rows(index, kind)
     data = held_out if len(held_out) >= need else sample
+    if kind == "binary":  # the rows are in random (priority) order: a prefix is a random subset
+        data = data[:max(need, BINARY_TRAIN_PER_LIST * need)]
     if len(data) < need:
         exact = "Flat" if kind == "float" else "BFlat"
         logger.warning("%s %s shards of %d rows are too small to train %r: using %s", modality, kind, n, factory, exact)

@@ -50,7 +50,9 @@ Float rule, first match wins:
 Binary rule: ``BFlat`` below BINARY_FLAT_MAX_VECTORS (an exact Hamming scan is a few
 ms per million codes); ``BHash{bits}`` for codes of at most BINARY_HASH_MAX_BITS bits
 (the whole code is the bucket key, nflip tuned: exact within the radius, and at these
-lengths the 10 nearest codes lie within a radius of 2-3); else ``BIVF{L}``.
+lengths the 10 nearest codes lie within a radius of 2-3); else ``BIVF{Lb}`` with
+``Lb = sqrt(n)`` lists (scanning codes is cheap, so fewer, larger lists than the float
+side), trained on at most BINARY_TRAIN_PER_LIST rows per list.
 
 Explicit factory strings in the config always win; their size is estimated when the
 form is one of the above, else left unknown (the manifest records the real sizes).
@@ -79,6 +81,7 @@ HNSW_M = 32
 BINARY_FLAT_MAX_VECTORS = 100_000
 BINARY_HASH_MAX_BITS = 24
 MIN_TRAIN_PER_LIST = 32
+BINARY_TRAIN_PER_LIST = 64
 OPQ_MIN_DIMS_PER_CODE = 8
 PQ_CODEBOOK = 256
 ID_BYTES = 8
@@ -122,10 +125,11 @@ class IndexChoice:
         return dataclasses.asdict(self)
 
 
-def nlist_for(n: int, train_rows: int) -> int:
-    """Inverted lists for ``n`` vectors: 4 sqrt(n), at most train_rows / MIN_TRAIN_PER_LIST."""
+def nlist_for(n: int, train_rows: int, per_sqrt: float = 4.0) -> int:
+    """Inverted lists for ``n`` vectors: per_sqrt x sqrt(n) (4 for float indexes, 1 for
+    binary ones), at most train_rows / MIN_TRAIN_PER_LIST."""
     cap = max(1, train_rows // MIN_TRAIN_PER_LIST)
-    return max(1, min(int(round(4 * math.sqrt(n))), cap))
+    return max(1, min(int(round(per_sqrt * math.sqrt(n))), cap))
 
 
 # ---------------------------------------------------------------- sizes
@@ -184,7 +188,7 @@ def _choose_binary(n: int, bits: int, train_rows: int) -> tuple[str, str]:
         return "BFlat", f"{n} codes < {BINARY_FLAT_MAX_VECTORS}: exact Hamming scan"
     if bits <= BINARY_HASH_MAX_BITS:
         return f"BHash{bits}", f"{bits}-bit codes <= {BINARY_HASH_MAX_BITS}: hash buckets on the whole code"
-    nlist = nlist_for(n, train_rows)
+    nlist = nlist_for(n, train_rows, per_sqrt=1.0)
     return f"BIVF{nlist}", f"{n} codes of {bits} bits: binary IVF with {nlist} lists"
 
 

@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -251,10 +252,29 @@ def rerank_search(index: Any, queries: np.ndarray, k: int, rerank: int,
     return top_k(vectors.score(queries, ids), ids, k)
 
 
+CANDIDATE_SCAN_FACTOR = 4  # two-stage on a binary IVF: probe lists holding ~4x the candidates
+
+
+def _candidate_params(binary_index: Any, candidates: int) -> Any:
+    """Per-call IVF parameters that let a binary IVF return ``candidates`` rows: its
+    tuned nprobe serves top-10, a prefilter of C candidates needs lists holding ~4C."""
+    inner = _inner_index(binary_index, True)
+    if not isinstance(inner, faiss.IndexBinaryIVF) or inner.ntotal == 0:
+        return None
+    per_list = inner.ntotal / inner.nlist
+    nprobe = min(int(inner.nlist), max(int(inner.nprobe), math.ceil(CANDIDATE_SCAN_FACTOR * candidates / per_list)))
+    return faiss.SearchParametersIVF(nprobe=nprobe)
+
+
 def two_stage_search(binary_index: Any, queries: np.ndarray, codes: np.ndarray, k: int, candidates: int,
                      vectors: StoredVectors) -> tuple[np.ndarray, np.ndarray]:
     """Hamming top-``candidates`` from the binary index, re-scored exactly: top-k by inner product."""
-    _, ids = binary_index.search(codes, max(k, candidates))
+    candidates = max(k, candidates)
+    params = _candidate_params(binary_index, candidates)
+    if params is None:
+        _, ids = binary_index.search(codes, candidates)
+    else:
+        _, ids = binary_index.search(codes, candidates, params=params)
     return top_k(vectors.score(queries, ids), ids, k)
 
 

@@ -113,7 +113,7 @@ def test_auto_factories_are_exact_for_small_shards():
 
 def test_auto_factories_are_ivf_for_large_shards():
     # 4 sqrt(1M) = 4000 lists, capped at 100k training rows / 32 per list
-    assert choose_factories(1_000_000, 256, 64, IndexBuildConfig()) == ("IVF3125,Flat", "BIVF3125")
+    assert choose_factories(1_000_000, 256, 64, IndexBuildConfig()) == ("IVF3125,Flat", "BIVF1000")
 
 
 def test_explicit_factories_win_over_auto():

@@ -21,6 +21,17 @@ from xmodal_index.jobs.train_cmd import train
 SPEAKERS = ("alice", "bob")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models train fastest on one thread (and do not stall when the machine is busy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _write_wav(path: Path, x: np.ndarray, rate: int = 8000) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)

@@ -116,3 +116,14 @@ def test_stored_vectors_give_minus_infinity_for_missing_candidates():
     assert scores[0, 0] == 1.0  # id 7 is row 0: the first unit vector
     assert scores[0, 3] == 0.0
     assert np.isneginf(scores[0, 1]) and np.isneginf(scores[0, 2])
+
+
+def test_a_binary_ivf_prefilter_probes_enough_lists_for_the_candidates(tmp_path):
+    archive = Archive({"image": 3000}, seed=22)
+    manifest = archive.build(tmp_path / "idx", IndexBuildConfig(binary_factory="BIVF32", recall_sample=50))
+    assert [s.factory for s in manifest.shards if s.kind == "binary"] == ["BIVF32"]
+    queries = archive.sample(30)
+    with IndexVersion.open(str(tmp_path / "idx")) as index:
+        # the tuned nprobe serves the Hamming top-10; 3000 candidates need every list
+        hits = index.search(queries, 10, mode="two_stage", codes=archive.hash(queries), candidates=3000)
+    assert recall_at_10(hits, exact_top10(archive, queries)) >= 0.99
