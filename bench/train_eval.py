@@ -108,7 +108,7 @@ def run_archive(args: argparse.Namespace) -> None:
 def run_robustness(args: argparse.Namespace) -> None:
     """audio->image mAP of a held-out speaker's clips under recording conditions never trained on."""
     from xmodal_index.encoders.config import EncoderConfig
-    from xmodal_index.encoders.evaluation import ModalitySet, fold_sets, map_float, map_hamming
+    from xmodal_index.encoders.evaluation import fold_sets, map_float, map_hamming
     from xmodal_index.encoders.loading import load_encoder
     from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd, resample
 
