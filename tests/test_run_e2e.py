@@ -178,3 +178,29 @@ def test_missing_source_fails_with_one_line(tmp_path):
     result = _invoke("run", "--source", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"))
     assert result.exit_code == 1
     assert "nope" in result.output
+
+
+def _ground_truth(archive):
+    gt = {}
+    for line in (archive / "ground_truth.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        gt[(str(archive / d["path"]), d["modality"], d["start_s"])] = d["digit"]
+    return gt
+
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_bundled_encoder_finds_the_spoken_and_shown_digit(first_run, archive, tmp_path):
+    """Text -> video frames and image -> audio hits carry the queried digit (sample ground truth)."""
+    work, _ = first_run
+    gt = _ground_truth(archive)
+    digits = sorted({d for (_, m, _), d in gt.items() if m == "video"})
+    qf = tmp_path / "q.jsonl"
+    qf.write_text("".join(json.dumps({"id": d, "text": WORDS[d], "modality": "video"}) + "\n" for d in digits))
+    result = _invoke("query", "--index", str(work), "--queries", str(qf), "-k", "1", "--json")
+    assert result.exit_code == 0, result.output
+    for line in result.output.strip().splitlines():
+        answer = json.loads(line)
+        (hit,) = answer["hits"]
+        assert gt[(hit["uri"], "video", hit["start_s"])] == answer["id"]
