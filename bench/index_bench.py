@@ -164,7 +164,7 @@ def child_build_ours(args: argparse.Namespace) -> None:
     from xmodal_index.sinks.index_build import IndexBuildConfig, build_version
 
     config = IndexBuildConfig(memory_budget_bytes=int(args.budget), recall_target=args.recall_target,
-                              max_shard_vectors=args.max_shard_vectors)
+                              max_shard_vectors=args.max_shard_vectors, float_factory=args.float_factory)
     started = time.monotonic()
     manifest = build_version(batch_reader(os.path.join(args.data, "parquet")), args.root, model_id="bench@0",
                              dim=args.dim, bits=args.bits, config=config)
@@ -358,8 +358,9 @@ def report(results: dict) -> str:
                                 f"{s['faiss_latency']['p50_ms']:.2f} ms" for s in a["sweep"])
                 lines.append(f"  autofaiss index at other efSearch values (recall@10, p50): {pts}.")
     lines += ["", "## 2. Query latency and recall by shard count", "",
-              f"{results['shard_size']:,} vectors split into 1, 4 and 16 shards; `IndexVersion.search`, one "
-              "query per call (shards searched in parallel threads, merged, id maps looked up).", "",
+              f"{results['shard_size']:,} vectors split into 1, 4 and 16 shards, each an IVF-Flat index with "
+              "4 sqrt(n) lists tuned to the recall target; `IndexVersion.search`, one query per call (shards "
+              "searched in parallel threads, merged, id maps looked up).", "",
               "| shards | index per shard | recall@10 | p50 ms | p99 ms | batch ms/query (all queries in one call) |",
               "|---|---|---|---|---|---|"]
     for row in results.get("shards", []):
@@ -442,9 +443,11 @@ def main(argv: list[str] | None = None) -> None:
             root = os.path.join(args.workdir, f"shards-{count}")
             subprocess.run(["rm", "-rf", root], check=True)
             common = ["--data", data, "--root", root, "--dim", str(args.dim), "--bits", str(args.bits)]
+            per_shard = math.ceil(args.shard_size / count)
+            factory = f"IVF{round(4 * math.sqrt(per_shard))},Flat"  # the same kind of index at every count
             build = _run_child(me + ["_build-ours", *common, "--budget", str(budget), "--recall-target",
-                                     str(args.recall_target), "--max-shard-vectors",
-                                     str(math.ceil(args.shard_size / count))], f"build {count} shards")
+                                     str(args.recall_target), "--max-shard-vectors", str(per_shard),
+                                     "--float-factory", factory], f"build {count} shards")
             ev = _run_child(me + ["_eval-ours", *common], f"eval {count} shards")
             results["shards"].append({"shards": count, "build": build, "eval": ev})
     results["load_average_end"] = os.getloadavg()
@@ -469,6 +472,7 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("--max-shard-vectors", type=int, default=1_000_000)
     parser.add_argument("--query-ms", type=float, default=10.0)
     parser.add_argument("--two-stage", type=int, nargs="*", default=[])
+    parser.add_argument("--float-factory", default="auto")
     args = parser.parse_args(argv)
     {"_build-ours": child_build_ours, "_eval-ours": child_eval_ours, "_autofaiss": child_autofaiss}[args.command](args)
 

@@ -45,8 +45,25 @@ def parse_time(text: str, now: datetime.datetime | None = None) -> datetime.date
     return value if value.tzinfo is not None else value.replace(tzinfo=datetime.timezone.utc)
 
 
+def _beam_io_cause(err: BaseException) -> str | None:
+    """Beam's file-system errors nest the real cause per path in ``exception_details``."""
+    path, inner = None, None
+    while isinstance(getattr(err, "exception_details", None), dict) and err.exception_details:
+        path, cause = next(iter(err.exception_details.items()))
+        if not isinstance(cause, BaseException):
+            break
+        err = inner = cause
+    if inner is None:
+        return None
+    text = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
+    return f"{type(inner).__name__}: {' '.join(text.split())} ({path})"
+
+
 def one_line(err: BaseException) -> str:
     """The root cause of an error as one line (Beam wraps worker errors in long tracebacks)."""
+    cause = _beam_io_cause(err)
+    if cause is not None:
+        return cause
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = lines[-1] if lines else ""
     if not text:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from xmodal_index.encoders.loading import load_encoder
 from xmodal_index.jobs.config import RunConfig
+from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work
 from xmodal_index.pipeline import progress
 from xmodal_index.pipeline.dag import (
     IndexArchive,
@@ -46,14 +47,13 @@ from xmodal_index.pipeline.dag import (
     outcomes_prefix,
     read_worklist,
 )
-from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work
 from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import batch_reader
 from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
 from xmodal_index.sinks.index_build import build_version, publish_version
-from xmodal_index.sinks.lease import Lease, LeaseConfig, LeaseInfo, lease_uri
+from xmodal_index.sinks.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo, lease_uri
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
     ledger_snapshot_name,
@@ -396,8 +396,10 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
     """Run the whole job under the workdir lease; returns the summary (also written to
     runs/RUN_ID/summary.json, and to ``req.summary_out`` when set).
 
-    Raises LeaseHeldError when another run holds the workdir (nothing is written);
-    any other error is raised after a summary with ``error`` set was written.
+    Raises LeaseHeldError when another run holds the workdir (nothing is written to
+    the workdir); any error is raised after a summary with ``error`` and
+    ``exit_code`` set was written (best effort; only to ``summary_out`` when the
+    lease could not be taken).
     """
     t0 = time.monotonic()
     run_id = new_run_id()
@@ -412,12 +414,16 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
     def waiting(info: LeaseInfo) -> None:
         echo(f"waiting up to {req.lease.wait_s:g} s for the workdir lease held by {info.describe()}")
 
-    lease.acquire(on_wait=waiting)
+    try:
+        lease.acquire(on_wait=waiting)
+    except Exception as err:  # the workdir belongs to another run, or cannot be reached: --summary-out only
+        _failed(summary, err, EXIT_LEASE_HELD if isinstance(err, LeaseHeldError) else EXIT_ERROR)
+        _finish(req, summary, t0, best_effort=True, in_workdir=False)
+        raise
     try:
         _run_locked(req, summary, lease, echo)
     except Exception as err:
-        summary.exit_code = EXIT_ERROR
-        summary.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000]
+        _failed(summary, err, EXIT_ERROR)
         _finish(req, summary, t0, best_effort=True)
         raise
     finally:
@@ -426,10 +432,18 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
     return summary
 
 
-def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool = False) -> None:
+def _failed(summary: RunSummary, err: Exception, exit_code: int) -> None:
+    summary.exit_code = exit_code
+    summary.error = f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000]
+
+
+def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool = False,
+            in_workdir: bool = True) -> None:
     summary.wall_s = round(time.monotonic() - t0, 3)
     data = json.dumps(dataclasses.asdict(summary), indent=2).encode()
-    targets = [lambda: storage.write_bytes(storage.join(req.workdir, "runs", summary.run_id, "summary.json"), data)]
+    targets = []
+    if in_workdir:
+        targets.append(lambda: storage.write_bytes(storage.join(req.workdir, "runs", summary.run_id, "summary.json"), data))
     if req.summary_out:
         targets.append(lambda: storage.write_bytes(req.summary_out, data))
     for write in targets:
@@ -459,8 +473,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     ledger = read_ledger(req.workdir)
     current = ledger_snapshot_name(req.workdir)
     unpublished = current != published_snapshot_name(req.workdir)
-    if unpublished and current is not None:
-        summary.completes_run = current.removeprefix("ledger-").removesuffix(".parquet")
+    pending_run = current.removeprefix("ledger-").removesuffix(".parquet") if unpublished and current else None
     todo, unchanged, deleted = plan_work(listing.items, ledger, encoder.model_id, req.full, req.retry_failed,
                                          listed=listing.listed, in_scope=lambda uri: uri.startswith(listing.scope))
     summary.inputs_total = len(listing.items)
@@ -521,6 +534,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
         summary.index_version = manifest.version
         summary.index_published = True
         summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors)"
+        summary.completes_run = pending_run
 
 
 def _record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,

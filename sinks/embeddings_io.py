@@ -1,7 +1,7 @@
 """Streaming reads of embedding Parquet files (SPEC 4.3).
 
-Rows come out as pyarrow RecordBatches, one file and one row group at a time, so a
-reader never holds more than a batch of vectors. Filters (segment ids, live
+Rows come out as pyarrow RecordBatches of ``batch_rows`` rows, read through a small
+buffer (not a whole row group at a time), so a reader holds about one batch of vectors. Filters (segment ids, live
 ``(uri, etag)`` pairs, a model id) are applied per batch with Arrow compute.
 """
 
@@ -23,7 +23,10 @@ from xmodal_index.sinks.schema import embedding_schema
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_ROWS = 65_536
+DEFAULT_BATCH_ROWS = 8_192
+# Column chunks are read through a buffer of this size instead of whole row groups at
+# once: with small batches a reader then holds a few MiB, not 2-4x a row group.
+READ_BUFFER_BYTES = 1 << 20
 _KEY_SEP = "\x00"
 
 
@@ -120,7 +123,7 @@ def _iter_file(
 ) -> Iterator[pa.RecordBatch]:
     try:
         with storage.local_path(uri) as path:
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
             missing = [c for c in (needed or []) if c not in parquet.schema_arrow.names]
             if missing:
                 raise EmbeddingsReadError(f"{uri!r} lacks columns {missing}")

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import faiss
 import numpy as np
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("ip",)
 RECALL_K = 10
-ADD_CHUNK_ROWS = 65_536  # rows buffered per pass before they go to the shards' add threads
+ADD_CHUNK_ROWS = 16_384  # rows buffered per pass before they go to the shards' add threads
 MIN_CHUNK_ROWS = 4_096
 _MODALITY_RE = re.compile(r"[a-z0-9_]+")
 _RESERVED_NAMES = (mf.MANIFEST_NAME, mf.LATEST_NAME)
@@ -186,35 +186,62 @@ def _priority(ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 class _Sample:
-    """Bottom-k rows of one modality by priority: order-independent and seeded."""
+    """Bottom-k rows of one modality by priority: order-independent and seeded.
+
+    Rows live in preallocated slots (the pages are touched only as rows arrive); a row
+    that drops out of the bottom k is overwritten in place, so the sample never holds
+    a second copy of itself.
+    """
 
     def __init__(self, capacity: int, dim: int, nbytes: int) -> None:
         self.capacity = capacity
-        self.ids = np.empty(0, np.int64)
-        self.prio = np.empty(0, np.uint64)
-        self.x = np.empty((0, dim), np.float32)
-        self.codes = np.empty((0, nbytes), np.uint8)
+        self.filled = 0
+        self.max_prio = np.uint64(0)
+        self.ids = np.empty(capacity, np.int64)
+        self.prio = np.empty(capacity, np.uint64)
+        self.x = np.empty((capacity, dim), np.float32)
+        self.codes = np.empty((capacity, nbytes), np.uint8)
 
     def offer(self, batch: pa.RecordBatch, rows: np.ndarray, ids: np.ndarray, prio: np.ndarray) -> None:
-        if len(self.ids) >= self.capacity:
-            rows = rows[prio[rows] < self.prio[-1]]
+        if self.filled >= self.capacity:
+            rows = rows[prio[rows] < self.max_prio]
         if not len(rows):
             return
-        old = len(self.ids)
-        ids_all = np.concatenate([self.ids, ids[rows]])
-        prio_all = np.concatenate([self.prio, prio[rows]])
-        _, first = np.unique(ids_all, return_index=True)
+        old = self.filled
+        ids_all = np.concatenate([self.ids[:old], ids[rows]])
+        prio_all = np.concatenate([self.prio[:old], prio[rows]])
+        _, first = np.unique(ids_all, return_index=True)  # a segment id already sampled keeps its row
         keep = first[np.lexsort((ids_all[first], prio_all[first]))][: self.capacity]
-        # One new array per field: kept old rows are copied, kept new rows decoded from the batch.
-        from_old = keep < old
-        taken = pa.array(rows[keep[~from_old] - old])
-        x = np.empty((len(keep), self.x.shape[1]), np.float32)
-        codes = np.empty((len(keep), self.codes.shape[1]), np.uint8)
-        x[from_old] = self.x[keep[from_old]]
-        codes[from_old] = self.codes[keep[from_old]]
-        x[~from_old] = embedding_matrix(batch.column("embedding").take(taken))
-        codes[~from_old] = hash_matrix(batch.column("hash_code").take(taken))
-        self.ids, self.prio, self.x, self.codes = ids_all[keep], prio_all[keep], x, codes
+        kept_old = np.zeros(old, bool)
+        kept_old[keep[keep < old]] = True
+        new = keep[keep >= old] - old
+        # Rows are evicted only when more than `capacity` compete, and then exactly as many
+        # new rows arrive as slots free up: the filled slots stay 0 .. filled - 1.
+        slots = np.concatenate([np.nonzero(~kept_old)[0], np.arange(old, self.capacity)])[: len(new)]
+        taken = pa.array(rows[new])
+        self.x[slots] = embedding_matrix(batch.column("embedding").take(taken))
+        self.codes[slots] = hash_matrix(batch.column("hash_code").take(taken))
+        self.ids[slots] = ids[rows[new]]
+        self.prio[slots] = prio[rows[new]]
+        self.filled = int(kept_old.sum()) + len(new)
+        self.max_prio = self.prio[: self.filled].max()
+
+    def arrange(self, queries: int) -> None:
+        """Move the ``queries`` lowest-priority rows (the held-out recall queries, by
+        priority then id) to the front, in that order; the training rows follow."""
+        n = self.filled
+        fields = (self.x, self.codes, self.ids, self.prio)
+        order = np.lexsort((self.ids[:n], self.prio[:n]))[:queries]
+        in_front = np.zeros(n, bool)
+        in_front[order] = True
+        incoming, outgoing = order[order >= queries], np.nonzero(~in_front[:queries])[0]
+        for a in fields:
+            moved = a[incoming].copy()
+            a[incoming] = a[outgoing]
+            a[outgoing] = moved
+        local = np.lexsort((self.ids[:queries], self.prio[:queries]))
+        for a in fields:
+            a[:queries] = a[:queries][local]
 
 
 @dataclasses.dataclass
@@ -277,6 +304,7 @@ def _scan(batches: Callable[[], Iterator[pa.RecordBatch]], dim: int, bits: int, 
         code_parts.append(codes.astype(np.int16))
         rows += batch.num_rows
         progress("scan", rows, 0)
+    _release_arrow_memory()
     if rows == 0:
         raise EmptyIndexError("no embedding rows to index: refusing to publish an empty version")
     all_ids = np.concatenate(id_parts)
@@ -393,7 +421,7 @@ def _trained(kind: str, factory: str, n: int, modality: str, held_out: np.ndarra
         return factory, index
     need = _needed_training_rows(index, kind)
     data = held_out if len(held_out) >= need else sample
-    if kind == "binary":  # the rows are in random (priority) order: a prefix is a random subset
+    if kind == "binary":  # the caller shuffled the rows: a prefix is a random subset
         data = data[:max(need, BINARY_TRAIN_PER_LIST * need)]
     if len(data) < need:
         exact = "Flat" if kind == "float" else "BFlat"
@@ -413,15 +441,18 @@ def _trained(kind: str, factory: str, n: int, modality: str, held_out: np.ndarra
 def _train_templates(modality: str, n: int, sample: _Sample, nqueries: int, dim: int, bits: int,
                      config: IndexBuildConfig, total_vectors: int, shards: int) -> _Templates:
     choice = choose_index(n, dim, bits, memory_budget_bytes=config.memory_budget_bytes,
-                          recall_target=config.recall_target, train_rows=min(config.train_sample, len(sample.ids)),
+                          recall_target=config.recall_target, train_rows=min(config.train_sample, sample.filled),
                           total_vectors=total_vectors, shards=shards, float_factory=config.float_factory,
                           binary_factory=config.binary_factory)
     over = choice.estimated_bytes is not None and choice.estimated_bytes > config.memory_budget_bytes
     (logger.warning if over else logger.info)("%s: %s", modality, choice.reason)
-    float_factory, float_index = _trained("float", choice.float_factory, n, modality, sample.x[nqueries:], sample.x,
-                                          lambda f: _make_float(f, dim))
-    binary_factory, binary_index = _trained("binary", choice.binary_factory, n, modality, sample.codes[nqueries:],
-                                            sample.codes, lambda f: _make_binary(f, bits))
+    filled = sample.filled
+    float_factory, float_index = _trained("float", choice.float_factory, n, modality, sample.x[nqueries:filled],
+                                          sample.x[:filled], lambda f: _make_float(f, dim))
+    # the training rows are in slot order: shuffle (seeded) before binary training takes a prefix
+    shuffled = nqueries + np.random.default_rng(config.seed).permutation(filled - nqueries)
+    binary_factory, binary_index = _trained("binary", choice.binary_factory, n, modality, sample.codes[shuffled],
+                                            sample.codes[:filled], lambda f: _make_binary(f, bits))
     if (float_factory, binary_factory) != (choice.float_factory, choice.binary_factory):
         choice = dataclasses.replace(choice, float_factory=float_factory, binary_factory=binary_factory,
                                      reason=choice.reason + "; too few rows to train: exact search instead")
@@ -443,19 +474,40 @@ class _ShardResult:
     factories: dict[str, str]
     search_params: dict[str, dict[str, int]]
     recall: dict[str, float | None]
+    weight: dict[str, int]  # exact neighbours the recall counted (weights in a modality's mean)
 
 
 # ---------------------------------------------------------------- recall
 
 
-def _recall_of(found: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean |found top-k ∩ exact top-k| / |exact top-k| over the queries."""
+def _recall_of(found: np.ndarray, exact_ids: np.ndarray | list[np.ndarray]) -> float:
+    """|found ∩ wanted| / |wanted| summed over the queries; wanted: each query's exact
+    top-k, or the part of the modality's exact top-k that this shard holds."""
     hits = total = 0
     for got, want in zip(found, exact_ids):
         want = want[want >= 0]
         total += len(want)
         hits += len(np.intersect1d(got[got >= 0], want))
     return hits / total if total else 1.0
+
+
+def _wanted_count(exact_ids: np.ndarray | list[np.ndarray]) -> int:
+    return int(sum(int((w >= 0).sum()) for w in exact_ids))
+
+
+def _modality_exact(builders: list["_ShardBuilder"]) -> np.ndarray:
+    """Exact top-10 ids over all shards of one modality, merged from the shards' own."""
+    dist = np.concatenate([b.exact_top()[0] for b in builders], axis=1)
+    ids = np.concatenate([b.exact_top()[1] for b in builders], axis=1)
+    dist = np.where(ids >= 0, dist, -np.inf)
+    order = np.argsort(-dist, axis=1, kind="stable")[:, :RECALL_K]
+    return np.take_along_axis(ids, order, axis=1)
+
+
+def _shares(modality_exact: np.ndarray, shard_exact: np.ndarray) -> list[np.ndarray]:
+    """Per query, the modality's exact top-10 ids that this shard holds (they are
+    necessarily among the shard's own exact top-10)."""
+    return [g[np.isin(g, s[s >= 0]) & (g >= 0)] for g, s in zip(modality_exact, shard_exact)]
 
 
 def _float_recall(index: Any, queries: np.ndarray, exact_ids: np.ndarray, vectors: StoredVectors | None,
@@ -510,6 +562,7 @@ class _ShardBuilder:
         nq = len(self.query_x)
         self.exact = faiss.ResultHeap(nq, RECALL_K, keep_max=True) if nq else None
         self.exact_hamming = faiss.ResultHeap(nq, RECALL_K, keep_max=False) if nq else None
+        self.exact_final = False
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
         self.rows_seen = 0
@@ -518,6 +571,16 @@ class _ShardBuilder:
         self.omp_threads = omp_threads
         self.pool = pool
         self.future: concurrent.futures.Future | None = None
+        # Plain IVF indexes get an assignment pass first: their inverted lists are then
+        # allocated at their final sizes (appending grows them up to 2x) and the add
+        # pass reuses the assignments instead of searching the quantizer again.
+        inner = faiss.downcast_index(self.float_index)
+        self.ivf = inner if isinstance(inner, faiss.IndexIVF) and isinstance(
+            faiss.downcast_InvertedLists(inner.invlists), faiss.ArrayInvertedLists) else None
+        self.assigning = False
+        self.assign_parts: list[np.ndarray] = []
+        self.assign: np.ndarray | None = None
+        self.assign_at = 0
         self.files = {
             "float": os.path.join(out_dir, f"{plan.stem}.float.faiss"),
             "binary": os.path.join(out_dir, f"{plan.stem}.binary.faiss"),
@@ -529,10 +592,27 @@ class _ShardBuilder:
             self.vectors_file = open(self.files["vectors"], "wb")
             _npy_header(self.vectors_file, plan.count, int(templates.float_index.d))
 
-    def add(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray, id_map: pa.Table) -> None:
-        rows = pa.array(np.arange(self.rows_seen, self.rows_seen + len(ids), dtype=np.int64))
-        self.id_maps.append(id_map.append_column(mf.VECTOR_ROW_COLUMN, rows))
-        self.rows_seen += len(ids)
+    def start_assigning(self) -> None:
+        self.assigning = True
+
+    def reserve(self) -> None:
+        """End the assignment pass: size every inverted list for the rows it will get."""
+        self.assigning = False
+        if not self.assign_parts:
+            return
+        self.assign = np.concatenate(self.assign_parts).astype(np.int64)
+        self.assign_parts = []
+        counts = np.bincount(self.assign, minlength=int(self.ivf.nlist))
+        invlists = faiss.downcast_InvertedLists(self.ivf.invlists)
+        for list_no in np.nonzero(counts)[0].tolist():
+            invlists.resize(list_no, int(counts[list_no]))  # allocates the final size ...
+            invlists.resize(list_no, 0)  # ... and keeps it as capacity
+
+    def add(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray, id_map: pa.Table | None) -> None:
+        if not self.assigning:
+            rows = pa.array(np.arange(self.rows_seen, self.rows_seen + len(ids), dtype=np.int64))
+            self.id_maps.append(id_map.append_column(mf.VECTOR_ROW_COLUMN, rows))
+            self.rows_seen += len(ids)
         self.pending.append((ids, x, codes))
         self.pending_rows += len(ids)
         if self.pending_rows >= self.chunk_rows:
@@ -544,7 +624,7 @@ class _ShardBuilder:
             return
         ids = np.ascontiguousarray(np.concatenate([p[0] for p in self.pending]), dtype=np.int64)
         x = np.ascontiguousarray(np.concatenate([p[1] for p in self.pending]))
-        codes = np.ascontiguousarray(np.concatenate([p[2] for p in self.pending]))
+        codes = None if self.assigning else np.ascontiguousarray(np.concatenate([p[2] for p in self.pending]))
         self.pending, self.pending_rows = [], 0
         self.wait()
         self.future = self.pool.submit(self._add_chunk, ids, x, codes)
@@ -556,7 +636,15 @@ class _ShardBuilder:
 
     def _add_chunk(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray) -> None:
         faiss.omp_set_num_threads(self.omp_threads)  # per worker thread: shards share the cores
-        self.float_index.add_with_ids(x, ids)
+        if self.assigning:
+            self.assign_parts.append(self.ivf.quantizer.assign(x, 1).ravel())
+            return
+        if self.assign is not None:
+            lists = np.ascontiguousarray(self.assign[self.assign_at:self.assign_at + len(ids)])
+            self.assign_at += len(ids)
+            self.ivf.add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        else:
+            self.float_index.add_with_ids(x, ids)
         self.binary_index.add_with_ids(codes, ids)
         if self.vectors_file is not None:
             self.vectors_file.write(x.astype("<f2").tobytes())
@@ -575,8 +663,20 @@ class _ShardBuilder:
         if self.vectors_file is not None:
             self.vectors_file.close()
 
-    def finish(self, config: IndexBuildConfig) -> _ShardResult:
-        """Tune, measure and write the shard (runs on a worker thread after flush + wait)."""
+    def exact_top(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's exact top-10 (scores, ids) of the recall queries, once all rows are in."""
+        if not self.exact_final:
+            self.exact.finalize()
+            self.exact_hamming.finalize()
+            self.exact_final = True
+        return self.exact.D, self.exact.I
+
+    def finish(self, config: IndexBuildConfig, wanted: list[np.ndarray] | None = None) -> _ShardResult:
+        """Tune, measure and write the shard (runs on a worker thread after flush + wait).
+
+        wanted: per recall query, the ids of the modality's exact top-10 this shard
+        holds (all shards of the modality filled in this pass); None: the shard's own
+        exact top-10 (each shard must then find its own ten)."""
         faiss.omp_set_num_threads(self.omp_threads)
         plan, files = self.plan, self.files
         if self.vectors_file is not None:
@@ -591,10 +691,11 @@ class _ShardBuilder:
             vectors = StoredVectors.open(files["vectors"], id_map.column("segment_id").to_numpy(),
                                          id_map.column(mf.VECTOR_ROW_COLUMN).to_numpy())
         float_measure = hamming_measure = None
+        weight = {"float": 0, "binary": 0}
         if self.exact is not None:
-            self.exact.finalize()
-            self.exact_hamming.finalize()
-            float_measure = functools.partial(_float_recall, self.float_index, self.query_x, self.exact.I, vectors)
+            exact_ids = self.exact_top()[1] if wanted is None else wanted
+            weight = {"float": _wanted_count(exact_ids), "binary": _wanted_count(self.exact_hamming.I)}
+            float_measure = functools.partial(_float_recall, self.float_index, self.query_x, exact_ids, vectors)
             hamming_measure = functools.partial(_hamming_recall, self.binary_index, self.query_codes,
                                                 self.exact_hamming.D, self.exact_hamming.I)
         fixed = {"nprobe": config.nprobe, "efSearch": config.ef_search}
@@ -618,6 +719,7 @@ class _ShardBuilder:
             factories={"float": self.templates.float_factory, "binary": self.templates.binary_factory},
             search_params={"float": float_params, "binary": binary_params},
             recall={"float": float_recall, "binary": binary_recall},
+            weight=weight,
         )
 
 
@@ -638,6 +740,7 @@ def _add_and_write(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan,
     added = 0
     cores = os.cpu_count() or 1
     groups = _group_shards(plans, {m: t.choice for m, t in templates.items()}, config)
+    extra_passes = 0
     for group in groups:
         in_group = np.zeros(len(plans), bool)
         in_group[group] = True
@@ -648,12 +751,20 @@ def _add_and_write(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan,
             builders = {i: _ShardBuilder(plans[i], templates[plans[i].modality], queries[plans[i].modality],
                                          out_dir, chunk_rows, omp_threads, config.store_vectors, pool) for i in group}
             try:
+                if any(b.ivf is not None for b in builders.values()):
+                    assigning = [b for b in builders.values() if b.ivf is not None]
+                    for builder in assigning:
+                        builder.start_assigning()
+                    _fill(batches, scan, shard_of, in_group, taken.copy(), builders, 0, progress, "assign",
+                          only={id(b) for b in assigning})
+                    _drain(builders.values())
+                    for builder in assigning:
+                        builder.reserve()
+                    extra_passes += 1
                 added = _fill(batches, scan, shard_of, in_group, taken, builders, added, progress)
-                for builder in builders.values():
-                    builder.flush()
-                for builder in builders.values():
-                    builder.wait()
-                futures = [pool.submit(builders[i].finish, config) for i in group]
+                _drain(builders.values())
+                wanted = _wanted_by_shard(plans, group, builders)
+                futures = [pool.submit(builders[i].finish, config, wanted.get(i)) for i in group]
                 for future in futures:
                     results.append(future.result())
                     progress("write", len(results), len(plans))
@@ -661,12 +772,37 @@ def _add_and_write(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan,
                 for builder in builders.values():
                     builder.abort()
                 raise
-    return results, len(groups)
+    return results, len(groups) + extra_passes
+
+
+def _wanted_by_shard(plans: list[_ShardPlan], group: list[int], builders: dict[int, _ShardBuilder]
+                     ) -> dict[int, list[np.ndarray]]:
+    """For modalities whose shards all fill in this group: what each shard must find of
+    the modality's exact top-10 (the merged search needs no more than that)."""
+    out: dict[int, list[np.ndarray]] = {}
+    for modality in {plans[i].modality for i in group}:
+        members = [i for i in group if plans[i].modality == modality]
+        if len(members) < 2 or len(members) != plans[members[0]].of or builders[members[0]].exact is None:
+            continue
+        merged = _modality_exact([builders[i] for i in members])
+        for i in members:
+            out[i] = _shares(merged, builders[i].exact_top()[1])
+    return out
+
+
+def _drain(builders: Iterable[_ShardBuilder]) -> None:
+    builders = list(builders)
+    for builder in builders:
+        builder.flush()
+    for builder in builders:
+        builder.wait()
 
 
 def _fill(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan, shard_of: np.ndarray, in_group: np.ndarray,
-          taken: np.ndarray, builders: dict[int, _ShardBuilder], added: int, progress: _Progress) -> int:
-    """One pass over the rows: each row of a shard in this group goes to its builder."""
+          taken: np.ndarray, builders: dict[int, _ShardBuilder], added: int, progress: _Progress,
+          stage: str = "add", only: set[int] | None = None) -> int:
+    """One pass over the rows: each row of a shard in this group goes to its builder
+    (in the assignment pass only to the builders in ``only``, vectors alone)."""
     for batch in batches():
         if not batch.num_rows:
             continue
@@ -683,17 +819,32 @@ def _fill(batches: Callable[[], Iterator[pa.RecordBatch]], scan: _Scan, shard_of
         _, first = np.unique(pos[rows], return_index=True)
         rows = rows[np.sort(first)]
         taken[pos[rows]] = True
-        sub = batch.take(pa.array(rows))
+        sub = batch if len(rows) == batch.num_rows else batch.take(pa.array(rows))
         x = embedding_matrix(sub.column("embedding"))
-        codes = hash_matrix(sub.column("hash_code"))
-        id_map = _id_map_table(sub)
         sub_ids, sub_shard = ids[rows], shard[rows]
-        for s in np.unique(sub_shard):
+        assigning = stage == "assign"
+        codes = None if assigning else hash_matrix(sub.column("hash_code"))
+        id_map = None if assigning else _id_map_table(sub)
+        shards_here = np.unique(sub_shard)
+        for s in shards_here:
+            builder = builders[int(s)]
+            if assigning and id(builder) not in only:
+                continue
+            if len(shards_here) == 1:  # the usual case: the whole batch, no copies
+                builder.add(sub_ids, x, codes, id_map)
+                continue
             sel = np.nonzero(sub_shard == s)[0]
-            builders[int(s)].add(sub_ids[sel], x[sel], codes[sel], id_map.take(pa.array(sel)))
+            builder.add(sub_ids[sel], x[sel], None if assigning else codes[sel],
+                        None if assigning else id_map.take(pa.array(sel)))
         added += len(rows)
-        progress("add", added, len(scan.unique_ids))
+        progress(stage, added, len(scan.unique_ids))
+    _release_arrow_memory()
     return added
+
+
+def _release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps after a pass back to the system."""
+    pa.default_memory_pool().release_unused()
 
 
 def _check_extra_files(extra_files: Mapping[str, str]) -> None:
@@ -707,23 +858,32 @@ def _check_extra_files(extra_files: Mapping[str, str]) -> None:
 
 def _metrics(results: list[_ShardResult], scan: _Scan, queries: dict[str, tuple[np.ndarray, np.ndarray]],
              metrics_extra: Mapping[str, Any]) -> dict[str, Any]:
-    by_modality: dict[str, dict[str, list[float]]] = {"float": {}, "binary": {}}
+    by_modality: dict[str, dict[str, list[tuple[float, int]]]] = {"float": {}, "binary": {}}
     for r in results:
         for kind in ("float", "binary"):
             if r.recall[kind] is not None:
-                by_modality[kind].setdefault(r.plan.modality, []).append(r.recall[kind])
+                by_modality[kind].setdefault(r.plan.modality, []).append((r.recall[kind], r.weight[kind]))
+
+    def mean(pairs: list[tuple[float, int]]) -> float:
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else float(np.mean([v for v, _ in pairs]))
+
+    per_modality = {kind: {m: mean(pairs) for m, pairs in mods.items()} for kind, mods in by_modality.items()}
     ntotal = {m: sum(r.ntotal for r in results if r.plan.modality == m) for m in scan.modalities}
     metrics: dict[str, Any] = {
-        "recall_at_10": {kind: (min(v for vs in mods.values() for v in vs) if mods else None)
-                         for kind, mods in by_modality.items()},
-        "recall_at_10_by_modality": {kind: {m: float(np.mean(vs)) for m, vs in mods.items()}
-                                     for kind, mods in by_modality.items()},
+        "recall_at_10": {kind: (min(mods.values()) if mods else None) for kind, mods in per_modality.items()},
+        "recall_at_10_by_modality": per_modality,
+        "recall_at_10_min_shard": {kind: (min(v for pairs in mods.values() for v, _ in pairs) if mods else None)
+                                   for kind, mods in by_modality.items()},
         "recall_queries": {m: len(q[0]) for m, q in queries.items()},
         "recall_protocol": (
-            "per shard: top-10 of the index at its search_params (with its re-rank, if any) vs exact top-10 "
-            "(flat inner product; exact Hamming, where any row tied with the 10th exact distance counts) for "
-            "up to recall_sample rows per modality used as queries and held out of training; recall_at_10 is "
-            "the minimum over shards"
+            "up to recall_sample rows per modality, held out of training, are the queries; each shard is "
+            "searched at its search_params (with its re-rank, if any) for k=10. Float: a shard's hits are the "
+            "modality's exact top-10 (flat inner product over all its shards) that it holds and returns, when "
+            "all shards of the modality fill in one pass, else its own exact top-10; a modality's recall is "
+            "hits / exact neighbours summed over its shards, i.e. the recall@10 of the merged search. Binary: "
+            "per shard, any returned row at most as far as the 10th exact Hamming neighbour counts; shards "
+            "averaged. recall_at_10 is the minimum over modalities"
         ),
         "ntotal": ntotal,
         "rows_read": scan.rows,
@@ -779,12 +939,14 @@ def build_version(
     train_rows: dict[str, int] = {}
     for i, modality in enumerate(scan.modalities):
         sample = scan.samples.pop(modality)
-        nq = min(config.recall_sample, len(sample.ids))
+        nq = min(config.recall_sample, sample.filled)
+        sample.arrange(nq)
         largest = max(p.count for p in plans if p.modality == modality)
         templates[modality] = _train_templates(modality, largest, sample, nq, dim, bits, config,
                                                len(scan.unique_ids), len(plans))
-        queries[modality] = (np.ascontiguousarray(sample.x[:nq]), np.ascontiguousarray(sample.codes[:nq]))
-        train_rows[modality] = len(sample.ids) - nq
+        queries[modality] = (sample.x[:nq].copy(), sample.codes[:nq].copy())  # copies: the sample is freed next
+        train_rows[modality] = sample.filled - nq
+        del sample  # the training rows are not needed while shards fill
         report("train", i + 1, len(scan.modalities))
     trained = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xmodal-index-build-") as tmp:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import faiss
@@ -31,6 +32,21 @@ batch_size = 16
 isolate_decoding = false
 max_error_fraction = 0.5
 """
+
+
+def drain_server_log(server) -> None:
+    """Keep reading the S3 test server's stderr (its request log) so that a long
+    session never fills the pipe, which would stall the server."""
+    stream = getattr(server.process, "stderr", None)
+    if stream is None or getattr(server, "_log_drained", False):
+        return
+    server._log_drained = True
+
+    def drain() -> None:
+        while stream.read(1 << 16):
+            pass
+
+    threading.Thread(target=drain, name="s3-server-log", daemon=True).start()
 
 
 def write_config(directory: Path) -> Path:

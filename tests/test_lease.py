@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
+from tests.run_helpers import drain_server_log, invoke, make_archive, run_args, summaries, write_config
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.lease import (
@@ -26,6 +26,7 @@ from xmodal_index.sinks.manifest import list_versions, read_latest
 def workdir(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "work")
+    drain_server_log(request.getfixturevalue("s3_server"))
     return request.getfixturevalue("s3_bucket") + "/work"
 
 
@@ -156,12 +157,14 @@ def config(tmp_path_factory):
 
 def test_run_exits_4_while_another_run_holds_the_workdir(archive, config, tmp_path):
     work = tmp_path / "work"
+    out = tmp_path / "last-summary.json"
     with Lease(lease_uri(str(work)), "the-other-run"):
-        result = invoke(*run_args(archive, work, config))
+        result = invoke(*run_args(archive, work, config, "--summary-out", out))
     assert result.exit_code == EXIT_LEASE_HELD
     assert "the-other-run" in result.output and "--wait-for-lease" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (work / "runs").exists() and not (work / "ledger").exists()
+    assert json.loads(out.read_text())["exit_code"] == EXIT_LEASE_HELD  # what a monitoring script reads
 
 
 def test_run_with_wait_for_lease_runs_once_the_holder_is_done(archive, config, tmp_path):

@@ -111,8 +111,9 @@ def test_flat_multi_shard_search_matches_exact_search(flat_version):
 
 def test_ivf_multi_shard_search_reaches_recall_095(tmp_path):
     archive = Archive({"video": 14000, "image": 6000}, seed=3)
+    # tuned on 200 held-out rows to 0.97: fresh queries land within a couple of points of it
     config = IndexBuildConfig(float_factory="IVF64,Flat", max_shard_vectors=7000, recall_sample=200,
-                              train_sample=5000)
+                              train_sample=5000, recall_target=0.97)
     manifest = archive.build(tmp_path / "idx", config)
     assert {s.factory for s in manifest.shards if s.kind == "float"} == {"IVF64,Flat"}
     assert sum(s.kind == "float" for s in manifest.shards) == 3

@@ -41,3 +41,20 @@ def test_ledger_round_trips_and_commits_last(tmp_path):
     got = read_ledger(str(tmp_path))
     assert got["b"].state == "failed" and got["a"] == _entry("a")
     assert (tmp_path / "ledger" / "CURRENT").read_text().strip() == "ledger-r1.parquet"
+
+
+def test_only_entries_in_scope_can_be_marked_deleted():
+    ledger = {"s3://b/a/x": _entry("s3://b/a/x"), "s3://b/other/y": _entry("s3://b/other/y")}
+    _, _, deleted = plan_work([], ledger, "m@1", False, False, in_scope=lambda uri: uri.startswith("s3://b/a/"))
+    assert [e.uri for e in deleted] == ["s3://b/a/x"]
+
+
+def test_listed_objects_outside_the_time_range_are_not_deleted():
+    ledger = {"a": _entry("a"), "b": _entry("b")}
+    todo, unchanged, deleted = plan_work([_item("a", "e2")], ledger, "m@1", False, False, listed={"a", "b"})
+    assert [i.uri for i in todo] == ["a"] and unchanged == [] and deleted == []
+
+
+def test_a_deleted_object_that_comes_back_is_processed_again():
+    todo, unchanged, deleted = plan_work([_item("a")], {"a": _entry("a", state="deleted")}, "m@1", False, False)
+    assert [i.uri for i in todo] == ["a"] and unchanged == [] and deleted == []

@@ -204,3 +204,13 @@ def test_bundled_encoder_finds_the_spoken_and_shown_digit(first_run, archive, tm
         answer = json.loads(line)
         (hit,) = answer["hits"]
         assert gt[(hit["uri"], "video", hit["start_s"])] == answer["id"]
+
+
+def test_summary_out_is_written_even_when_the_run_fails(tmp_path):
+    out = tmp_path / "state" / "last-summary.json"
+    result = _invoke("run", "--source", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w"),
+                     "--summary-out", str(out))
+    assert result.exit_code == 1
+    summary = json.loads(out.read_text())
+    assert summary["exit_code"] == 1 and "nope" in summary["error"]
+    assert (tmp_path / "w" / "runs" / summary["run_id"] / "summary.json").exists()

@@ -131,3 +131,15 @@ def test_every_option_is_documented():
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "--index" in result.output
+
+
+def test_promote_and_gc_work_on_object_storage(s3_bucket):
+    root = f"{s3_bucket}/work/indexes/main"
+    for seed in range(3):
+        Archive({"text": 30 + seed}, seed=seed).build(root, CONFIG)
+    assert invoke("promote", "v000002", "--index", root).exit_code == 0
+    assert mf.read_latest(root) == "v000002"
+    invoke("gc", "--index", f"{s3_bucket}/work", "--keep", "0")  # a workdir: indexes/main under it
+    assert mf.list_versions(root) == ["v000001", "v000002"]  # LATEST and its parent
+    rows = [json.loads(line) for line in invoke("versions", "--index", root, "--json").output.splitlines()]
+    assert [(r["version"], r["latest"]) for r in rows] == [("v000001", False), ("v000002", True)]
