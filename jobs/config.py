@@ -1,7 +1,7 @@
 """RunConfig: the job config, composed of one frozen dataclass per component.
 
 Loaded from TOML or JSON (``--config FILE``) with one table per component:
-[source], [decode], [encoder], [index], [run]. Unknown tables or keys are refused
+[source], [decode], [encoder], [index], [run], [gate]. Unknown tables or keys are refused
 with a message that names them and the allowed ones.
 """
 
@@ -16,6 +16,7 @@ from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.pipeline.decode import DecodeConfig
 from xmodal_index.pipeline.listing import SourceConfig
 from xmodal_index.sinks.index_build import IndexBuildConfig
+from xmodal_index.sinks.publish_gate import GateConfig
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,7 @@ class RunConfig:
     encoder: EncoderConfig = EncoderConfig()
     index: IndexBuildConfig = IndexBuildConfig()
     run: JobConfig = JobConfig()
+    gate: GateConfig = GateConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,7 +62,8 @@ class RunConfig:
         return dataclasses.replace(self, **{section: new})
 
 
-_CLASSES = {"source": SourceConfig, "decode": DecodeConfig, "encoder": EncoderConfig, "index": IndexBuildConfig, "run": JobConfig}
+_CLASSES = {"source": SourceConfig, "decode": DecodeConfig, "encoder": EncoderConfig, "index": IndexBuildConfig, "run": JobConfig,
+            "gate": GateConfig}
 
 
 def _build(section: str, values: Mapping[str, Any]) -> Any:

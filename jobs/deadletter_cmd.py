@@ -174,9 +174,11 @@ def _json_row(row: dict) -> dict:
 @click.option("--run", "run_id", default=None, metavar="RUN_ID",
               help="Show the dead letters one run wrote (RUN_ID as in runs/, or 'latest'). "
                    "Default: the items failed now, as the committed ledger says.")
-@click.option("--all", "all_runs", is_flag=True, help="Show the dead letters of every run (a retried item counts once per run).")
+@click.option("--all", "all_runs", is_flag=True,
+              help="Show the dead letters of every run (a retried item counts once per run).")
 @click.option("--examples", default=3, type=click.IntRange(0, 1000), help="Example items shown per group (count).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: scope, total and the groups with their examples.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object on stdout: scope, total and the groups with their examples.")
 def deadletter(workdir: str, run_id: str | None, all_runs: bool, examples: int, as_json: bool) -> None:
     """List failed inputs of WORKDIR grouped by stage and error class, with example URIs.
 

@@ -123,6 +123,8 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
 @click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")
+@click.option("--force", is_flag=True,
+              help="Publish the new version even if the publish gate finds its recall or mAP regressed beyond [gate] tolerances.")
 @click.option("--prefix", default="", show_default="whole source",
               help="Backfill only objects whose path relative to --source starts with this (e.g. videos/2024/). "
                    "Only objects under it can be marked deleted.")
@@ -146,7 +148,7 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
               help="Profile of the shared AWS config files to take settings and credentials from.")
 @click.option("--progress/--no-progress", default=None, help="Live progress line on stderr (default: only when stderr is a terminal).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(source, workdir, config_path, index_name, runner, full, retry_failed, prefix, since, until, segment_s,
+def run(source, workdir, config_path, index_name, runner, full, retry_failed, force, prefix, since, until, segment_s,
         max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
         beam_args):
     """Index the archive at SOURCE into WORKDIR and publish a new index version.
@@ -160,7 +162,9 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, pr
     1 the run could not complete (bad config, unreachable storage, ...);
     2 bad command-line usage;
     3 more than max_error_fraction of the inputs failed (no version published);
-    4 another run holds the workdir lease (nothing done).
+    4 another run holds the workdir lease (nothing done);
+    5 the publish gate refused the new version (its recall or mAP regressed; it
+    stays unpublished: `promote` or `run --force` publishes it).
     """
     try:
         cfg = load_config(config_path)
@@ -177,7 +181,7 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, pr
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     show = sys.stderr.isatty() if progress is None else progress
     req = RunRequest(source=source, workdir=workdir, config=cfg, index_name=index_name, runner=runner,
-                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, show_progress=show,
+                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force, show_progress=show,
                      selection=selection, lease=LeaseConfig(ttl_s=lease_ttl, wait_s=wait_for_lease),
                      summary_out=summary_out)
     try:

@@ -52,7 +52,7 @@ from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import batch_reader
 from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
-from xmodal_index.sinks.index_build import build_version, publish_version
+from xmodal_index.sinks.index_build import build_version
 from xmodal_index.sinks.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo, lease_uri
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
@@ -64,6 +64,7 @@ from xmodal_index.sinks.ledger import (
     snapshot_name,
     write_ledger,
 )
+from xmodal_index.sinks.publish_gate import GateDecision, publish_gated
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_TOO_MANY_FAILURES = 3
 EXIT_LEASE_HELD = 4
+EXIT_GATE_REFUSED = 5
 
 __all__ = ["RunRequest", "RunSummary", "Selection", "execute", "list_selection", "new_run_id", "plan_work"]
 
@@ -113,6 +115,7 @@ class RunSummary:
     deadletters: str | None = None  # where this run's dead-letter rows are (when failed > 0)
     error: str = ""  # one line, when the run could not complete (exit_code 1)
     completes_run: str | None = None  # an earlier run whose committed changes were not yet published
+    gate: str = ""  # the publish gate's decision, in words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,7 @@ class RunRequest:
     beam_args: tuple[str, ...] = ()
     full: bool = False
     retry_failed: bool = False
+    force: bool = False  # publish even when the publish gate finds a regression
     show_progress: bool = False
     selection: Selection = Selection()
     lease: LeaseConfig = LeaseConfig()
@@ -372,16 +376,23 @@ def _uploaded_version(index_root: str, snapshot: str, model_id: str) -> mf.Manif
     return None
 
 
-def _publish(workdir: str, index_root: str, manifest: mf.Manifest, snapshot_uri: str, lease: Lease) -> None:
+def _publish(workdir: str, index_root: str, manifest: mf.Manifest, snapshot_uri: str, lease: Lease,
+             gate_config: GateConfig, force: bool) -> GateDecision:
     """THE PUBLISH STEP: the only place where a new version becomes visible.
 
-    LATEST is written (after the lease is confirmed), then ledger/PUBLISHED.
+    The publish gate compares the version's recall (and cross-modal mAP when
+    present) with the current LATEST; LATEST is written (after the lease is
+    confirmed) only when it does not regress beyond the tolerance, or with
+    ``force``; then ledger/PUBLISHED. A refused version stays on storage,
+    unpublished: `xmodal-index promote` or `run --force` can publish it later.
     """
     _crash_point("before_publish")
     lease.confirm()
-    publish_version(index_root, manifest.version)
+    decision = publish_gated(index_root, manifest.version, gate_config, force=force)
     _crash_point("after_publish")
-    mark_published(workdir, snapshot_uri)
+    if decision.published:
+        mark_published(workdir, snapshot_uri)
+    return decision
 
 
 def _upload_progress(stage: str, done: int, total: int) -> None:
@@ -530,11 +541,16 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
                 )
         else:
             echo(f"publishing {manifest.version}, uploaded by an earlier run that stopped before publishing it")
-        _publish(req.workdir, index_root, manifest, snapshot, lease)
-        summary.index_version = manifest.version
-        summary.index_published = True
-        summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors)"
+        decision = _publish(req.workdir, index_root, manifest, snapshot, lease, cfg.gate, req.force)
+        summary.gate = decision.reason
         summary.completes_run = pending_run
+        if decision.published:
+            summary.index_version = manifest.version
+            summary.index_published = True
+            summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors){' (forced)' if decision.forced else ''}"
+        else:
+            summary.exit_code = EXIT_GATE_REFUSED
+            summary.index_note = f"not published: {manifest.version} regresses against {decision.current_version}: {decision.reason}"
 
 
 def _record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,

@@ -103,7 +103,7 @@ def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_
               ) -> tuple[list[MediaItem], list[LedgerEntry], list[LedgerEntry]]:
     """Split listed items into (to process, unchanged ledger entries, deleted ledger entries).
 
-    An item is processed when it is new, its etag changed, it was indexed with another
+    An item is processed when it is new, its etag or size changed, it was indexed with another
     model, it failed before and ``retry_failed``, or ``full``. Deleted: entries (not
     already deleted) that are in scope (``in_scope(uri)``, default all) but not among
     ``listed`` (default: the items' uris).
@@ -111,7 +111,7 @@ def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_
     todo, unchanged = [], []
     for item in items:
         prev = ledger.get(item.uri)
-        same = prev is not None and prev.etag == item.etag and prev.state != "deleted"
+        same = prev is not None and prev.etag == item.etag and prev.size == item.size and prev.state != "deleted"
         if not full and same and (prev.state == "failed" and not retry_failed or
                                   prev.state == "indexed" and prev.model_id == model_id):
             unchanged.append(prev)

@@ -599,8 +599,7 @@ def decode_item(item, config: DecodeConfig) -> Iterator[Segment]:
         if size == 0:
             raise ProbeError(f"{item.uri}: empty file (0 bytes)")
         content = _sniff_file(path, item.uri)
-        if content is not None and _BY_CONTENT[content] is not decoder and not (
-                content == "text" and decoder is _decode_text):
+        if content is not None and _BY_CONTENT[content] is not decoder:
             logger.info("%s: content is %s, not %s as the name says: decoding it by content", item.uri, content,
                         item.kind)
             decoder = _BY_CONTENT[content]

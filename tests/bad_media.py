@@ -10,7 +10,8 @@ settings ``CORPUS_DECODE`` (docs/BAD_MEDIA.md is the prose version):
   matching ``reason``;
 - ``NOT_LISTED``: never an input (a symbolic link out of the source, a dangling one).
 
-Everything is small (64x64 frames, a few seconds) and is made in about a second.
+Everything is small (64x64 frames, a few seconds of media): the whole corpus is
+made in about two seconds.
 """
 
 from __future__ import annotations
@@ -359,7 +360,8 @@ def malformed_captions(src: Path, outside: Path) -> list[Case]:
     header_only.write_text("WEBVTT\n\nNOTE nothing else\n")
     blank = src / "blank.txt"
     blank.write_text(" \n\t\n   \n")
-    return [dead("captions with only malformed cues", bad, "probe", "ProbeError", r"no valid caption cue \(2 malformed\)"),
+    return [dead("captions with only malformed cues", bad, "probe", "ProbeError",
+                 r"no valid caption cue \(2 malformed\)"),
             indexed("captions partly malformed, Latin-1 bytes", mixed, {"text"}),
             dead("captions with binary content", binary, "probe", "ProbeError", "binary content"),
             dead("captions without a cue", header_only, "decode", "NoContentError", "nothing to index"),

@@ -34,21 +34,6 @@ max_error_fraction = 0.5
 """
 
 
-def drain_server_log(server) -> None:
-    """Keep reading the S3 test server's stderr (its request log) so that a long
-    session never fills the pipe, which would stall the server."""
-    stream = getattr(server.process, "stderr", None)
-    if stream is None or getattr(server, "_log_drained", False):
-        return
-    server._log_drained = True
-
-    def drain() -> None:
-        while stream.read(1 << 16):
-            pass
-
-    threading.Thread(target=drain, name="s3-server-log", daemon=True).start()
-
-
 def write_config(directory: Path) -> Path:
     path = Path(directory) / "job.toml"
     path.write_text(CONFIG_TOML)

@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -79,11 +80,13 @@ def start_moto(extra_env: dict[str, str] | None = None, timeout_s: float = 30.0)
     for _ in range(3):
         port = free_port()
         env = dict(os.environ, **(extra_env or {}))
+        # the request log goes to a file, never a pipe: an unread pipe fills up and stalls the server
+        log = tempfile.TemporaryFile()
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
@@ -94,7 +97,10 @@ def start_moto(extra_env: dict[str, str] | None = None, timeout_s: float = 30.0)
                 time.sleep(0.05)
         if proc.poll() is None:
             proc.kill()
-        last_error = proc.communicate()[1].decode(errors="replace")[-2000:]
+        proc.wait()
+        log.seek(0)
+        last_error = log.read().decode(errors="replace")[-2000:]
+        log.close()
     raise RuntimeError(f"moto server did not start: {last_error}")
 
 

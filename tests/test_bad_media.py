@@ -117,7 +117,8 @@ def test_non_utf8_file_name_decodes_by_its_path(tmp_path, decoder):
     assert segment.modality == "image"
 
 
-@pytest.mark.parametrize("content, name", [(b"#EXTM3U\n", "list.mp3"), (b"\xef\xbb\xbf  ffconcat version 1.0\n", "a.mkv"),
+@pytest.mark.parametrize("content, name", [(b"#EXTM3U\n", "list.mp3"),
+                                           (b"\xef\xbb\xbf  ffconcat version 1.0\n", "a.mkv"),
                                            (b"v=0\no=- 0 0 IN IP4 127.0.0.1\n", "s.mp4")])
 def test_texts_that_name_other_files_are_refused_unopened(tmp_path, content, name):
     path = tmp_path / name

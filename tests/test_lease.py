@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.run_helpers import drain_server_log, invoke, make_archive, run_args, summaries, write_config
+from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.lease import (
@@ -26,7 +26,6 @@ from xmodal_index.sinks.manifest import list_versions, read_latest
 def workdir(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "work")
-    drain_server_log(request.getfixturevalue("s3_server"))
     return request.getfixturevalue("s3_bucket") + "/work"
 
 

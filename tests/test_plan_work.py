@@ -58,3 +58,9 @@ def test_listed_objects_outside_the_time_range_are_not_deleted():
 def test_a_deleted_object_that_comes_back_is_processed_again():
     todo, unchanged, deleted = plan_work([_item("a")], {"a": _entry("a", state="deleted")}, "m@1", False, False)
     assert [i.uri for i in todo] == ["a"] and unchanged == [] and deleted == []
+
+
+def test_a_size_change_alone_reprocesses_the_object():
+    item = MediaItem(uri="a", kind="image", size=2, mtime=1.0, etag="e1")
+    todo, unchanged, _ = plan_work([item], {"a": _entry("a")}, "m@1", False, False)
+    assert [i.uri for i in todo] == ["a"] and unchanged == []

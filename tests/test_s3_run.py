@@ -10,7 +10,6 @@ import pytest
 
 from tests.media_factory import make_png
 from tests.run_helpers import (
-    drain_server_log,
     index_contents,
     invoke,
     make_archive,
@@ -35,11 +34,6 @@ def local_archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("cfg"))
-
-
-@pytest.fixture(autouse=True)
-def _server_log(s3_server):
-    drain_server_log(s3_server)
 
 
 @pytest.fixture(autouse=True)
