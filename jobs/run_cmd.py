@@ -11,6 +11,7 @@ import sys
 import click
 
 from xmodal_index.jobs.config import ConfigError, load_config
+from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups
 from xmodal_index.jobs.run_job import (
     EXIT_ERROR,
     EXIT_LEASE_HELD,
@@ -18,6 +19,7 @@ from xmodal_index.jobs.run_job import (
     RunSummary,
     Selection,
     execute,
+    read_deadletters,
 )
 from xmodal_index.sinks.lease import LeaseConfig, LeaseHeldError
 from xmodal_index.sinks.storage import S3Config, configure_s3
@@ -71,6 +73,13 @@ def one_line(err: BaseException) -> str:
     return text if ":" in text.split(" ", 1)[0] else f"{type(err).__name__}: {text}"
 
 
+def _check_index_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", ".."):
+        raise click.BadParameter(f"{value!r} must be letters, digits, '.', '_' or '-' (it names a folder of the workdir)",
+                                 param_hint="--index-name")
+    return value
+
+
 def print_summary(s: RunSummary) -> None:
     click.echo(f"run {s.run_id}  ({s.wall_s:.1f} s)")
     click.echo(f"  inputs   {s.inputs_total:>7}  = indexed {s.indexed} + unchanged {s.unchanged} + failed {s.failed}")
@@ -85,7 +94,14 @@ def print_summary(s: RunSummary) -> None:
     click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  version {s.index_version or '-'}: {s.index_note}")
     click.echo(f"  summary  {s.workdir.rstrip('/')}/runs/{s.run_id}/summary.json")
     if s.deadletters:
-        click.echo(f"  dead letters: {s.deadletters}/")
+        click.echo(f"  dead letters: {s.deadletters}/  (xmodal-index deadletter --workdir {s.workdir})")
+        try:
+            groups = failure_groups(read_deadletters(s.workdir, s.run_id), examples=1)
+        except Exception:  # noqa: BLE001 - the summary line above already says where they are
+            logger.debug("cannot read dead letters back", exc_info=True)
+            return
+        for line in format_groups(groups[:8]):
+            click.echo("    " + line)
 
 
 def _s3_settings(endpoint_url: str | None, region: str | None, profile: str | None) -> None:
@@ -119,7 +135,8 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--workdir", required=True, help="Where embeddings, dead letters, ledger, runs and indexes go (local path, file:// or s3://).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML or JSON job config with [source] [decode] [encoder] [index] [run] tables (default: built-in defaults).")
-@click.option("--index-name", default="main", help="Index to publish under WORKDIR/indexes/NAME.")
+@click.option("--index-name", default="main", callback=lambda ctx, param, value: _check_index_name(value),
+              help="Index to publish under WORKDIR/indexes/NAME (letters, digits, '.', '_', '-').")
 @click.option("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
 @click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")

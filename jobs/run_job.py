@@ -251,14 +251,40 @@ def _outcomes(workdir: str, run_id: str) -> dict[str, dict]:
     return out
 
 
-def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
-    """Items with neither an outcome nor a dead letter still get a dead-letter row."""
+def _write_dead(workdir: str, run_id: str, items: Sequence[MediaItem], part: str, stage: str, error_type: str,
+                message: str) -> None:
+    """Dead-letter rows written by the job itself (for items the DAG never saw or lost)."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    rows = [dict(uri=i.uri, etag=i.etag, stage="pipeline", error_type="NoOutcome",
-                 message="the DAG finished without an outcome for this item", run_id=run_id, at=now) for i in lost]
+    rows = [dict(uri=i.uri, etag=i.etag, stage=stage, error_type=error_type, message=message, run_id=run_id, at=now)
+            for i in items]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=DEADLETTER_SCHEMA), buf)
-    storage.write_bytes(storage.join(deadletter_prefix(workdir, run_id), "part-lost.parquet"), buf.getvalue())
+    storage.write_bytes(storage.join(deadletter_prefix(workdir, run_id), f"part-{part}.parquet"), buf.getvalue())
+
+
+def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
+    """Items with neither an outcome nor a dead letter still get a dead-letter row."""
+    _write_dead(workdir, run_id, lost, "lost", "pipeline", "NoOutcome", "the DAG finished without an outcome for this item")
+
+
+def _printable_uri(uri: str) -> str:
+    """A file name that is not UTF-8 (surrogate-escaped by Python) with its bad bytes
+    written as \\xNN: Beam's coders and Parquet can carry it, and it is stable."""
+    return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def split_unrepresentable(items: Sequence[MediaItem], listed: frozenset[str]
+                          ) -> tuple[list[MediaItem], frozenset[str], set[str]]:
+    """Give items whose names are not valid UTF-8 a printable uri; return the items,
+    the listed uris in the same form, and the printable uris of those items."""
+    out, bad = [], set()
+    for item in items:
+        fixed = _printable_uri(item.uri)
+        if fixed != item.uri:
+            bad.add(fixed)
+            item = dataclasses.replace(item, uri=fixed, sidecars=tuple(_printable_uri(u) for u in item.sidecars))
+        out.append(item)
+    return out, frozenset(_printable_uri(u) for u in listed), bad
 
 
 def _count_rows(workdir: str, run_id: str) -> int:
@@ -485,8 +511,11 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     current = ledger_snapshot_name(req.workdir)
     unpublished = current != published_snapshot_name(req.workdir)
     pending_run = current.removeprefix("ledger-").removesuffix(".parquet") if unpublished and current else None
-    todo, unchanged, deleted = plan_work(listing.items, ledger, encoder.model_id, req.full, req.retry_failed,
-                                         listed=listing.listed, in_scope=lambda uri: uri.startswith(listing.scope))
+    items, listed, bad_names = split_unrepresentable(listing.items, listing.listed)
+    todo, unchanged, deleted = plan_work(items, ledger, encoder.model_id, req.full, req.retry_failed,
+                                         listed=listed, in_scope=lambda uri: uri.startswith(listing.scope))
+    unnamed = [i for i in todo if i.uri in bad_names]
+    todo = [i for i in todo if i.uri not in bad_names]
     summary.inputs_total = len(listing.items)
     summary.unchanged = len(unchanged)
     summary.deleted = len(deleted)
@@ -499,6 +528,14 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     new_entries: dict[str, LedgerEntry] = {u: e for u, e in ledger.items() if e.state != "deleted"}
     new_entries.update({e.uri: e for e in unchanged})
     new_entries.update({e.uri: e for e in deleted})
+    if unnamed:
+        _write_dead(req.workdir, run_id, unnamed, "names", "list", "UnrepresentableNameError",
+                    "file name is not valid UTF-8 (bad bytes shown as \\xNN); rename it")
+        for item in unnamed:
+            summary.failed += 1
+            summary.failed_by_stage["list"] = summary.failed_by_stage.get("list", 0) + 1
+            new_entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "failed", 0,
+                                                encoder.model_id, run_id)
     if todo:
         run_dag(req, run_id, todo, encoder.dim, encoder.bits)
         _crash_point("after_dag")
@@ -511,7 +548,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     snapshot = write_ledger(req.workdir, run_id, new_entries.values())
     _crash_point("after_ledger")
 
-    processed = len(todo)
+    processed = len(todo) + len(unnamed)
     latest = mf.read_latest(index_root)
     changed = unpublished or latest is None or live_keys(ledger.values()) != live_keys(new_entries.values())
     other_model = sum(1 for e in new_entries.values() if e.state == "indexed" and e.model_id != encoder.model_id)

@@ -31,6 +31,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import IO, Iterator
@@ -231,13 +232,17 @@ def open_read(uri: str) -> Iterator[IO[bytes]]:
         yield f
 
 
+_SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}")
+
+
 @contextlib.contextmanager
 def local_path(uri: str) -> Iterator[str]:
     """A local file path holding the object's bytes for the duration of the block.
 
     Local files are used in place. S3 objects are streamed to a private temporary
-    directory (the file keeps the key's base name, so decoders can use its suffix)
-    and deleted when the block ends.
+    directory as ``object<.ext>`` (the key's extension when it is a short
+    alphanumeric one; never a name taken from the key, so no key can escape the
+    directory or exceed file-name limits) and deleted when the block ends.
     """
     if not is_s3(uri):
         path = _local(uri)
@@ -245,7 +250,8 @@ def local_path(uri: str) -> Iterator[str]:
             raise ObjectNotFoundError(f"{uri!r} does not exist")
         yield path
         return
-    name = os.path.basename(s3.split_uri(uri)[1]) or "object"
+    suffix = os.path.splitext(s3.split_uri(uri)[1])[1]
+    name = "object" + (suffix if _SAFE_SUFFIX.fullmatch(suffix) else "")
     tmpdir = tempfile.mkdtemp(prefix="xmodal-s3-")
     try:
         path = os.path.join(tmpdir, name)

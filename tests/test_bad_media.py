@@ -234,9 +234,7 @@ HOSTILE_KEYS = ["media/../../../escape.png", "media/./dot/../x.png", "media/%2e%
 LONG_KEY = "media/" + "n" * 300 + ".png"  # S3 allows 1024-byte keys; a file name ends at 255 bytes
 
 
-@pytest.mark.parametrize("key", HOSTILE_KEYS + [pytest.param(LONG_KEY, marks=pytest.mark.xfail(
-    strict=True, reason="storage.local_path names the temporary file after the key's base name, which can "
-                        "be longer than a file name may be (fix named in docs/BAD_MEDIA.md)"))])
+@pytest.mark.parametrize("key", HOSTILE_KEYS + [LONG_KEY])
 def test_hostile_s3_keys_decode_inside_a_private_temp_dir(key, s3_bucket, tmp_path, monkeypatch):
     from xmodal_index.sinks import storage
 
