@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -74,4 +75,26 @@ _register()
 
 
 def main() -> None:
-    cli(prog_name="xmodal-index")
+    """Console entry point.
+
+    Once a command has finished, the process ends with os._exit after flushing:
+    native libraries loaded by the commands (threads of the decoders, grpc, torch)
+    can otherwise abort during interpreter teardown ("terminate called without an
+    active exception"), turning a completed command into a crash exit code.
+    """
+    code = 0
+    try:
+        cli(prog_name="xmodal-index")
+    except SystemExit as exc:
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
