@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,14 +83,6 @@ def build(rows: Rows, root, config: IndexBuildConfig = SMALL, **kwargs) -> mf.Ma
 
 COUNTS = {"video": 600, "audio": 400, "text": 200}
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    """Small indexes build faster on one thread when the test machine is busy."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 # ---------------------------------------------------------------- config and factory choice

@@ -28,13 +28,6 @@ def choose(n: int, budget: int, *, dim: int = 256, bits: int = 64, recall: float
                         total_vectors=total, shards=shards)
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 # ---------------------------------------------------------------- decisions
 

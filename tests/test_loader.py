@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import faiss
 import numpy as np
 import pytest
 
@@ -21,14 +20,6 @@ from xmodal_index.sinks.schema import segment_id
 DIM, BITS = 32, 64
 MODEL = "tiny@feedbeef"
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    """Small searches run faster on one thread when the test machine is busy."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 class Archive:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import faiss
 import pytest
 
 from tests.test_loader import Archive
@@ -21,13 +20,6 @@ def _manifest(version: str, recall: float | None = 0.95, binary: float | None = 
         metrics={"recall_at_10": {"float": recall, "binary": binary}, **extra}, search_params={},
     )
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 # ---------------------------------------------------------------- decisions

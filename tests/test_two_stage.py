@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -11,13 +10,6 @@ from xmodal_index.sinks.errors import IndexVersionError
 from xmodal_index.sinks.index_build import IndexBuildConfig
 from xmodal_index.sinks.loader import IndexVersion, StoredVectors
 
-
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
