@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 from typing import Any
 
@@ -12,6 +13,7 @@ import click
 from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError
+from xmodal_index.sinks.lease import Lease, lease_uri
 from xmodal_index.sinks.publish_gate import map_figures, recall_figures
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,14 @@ def resolve_index_root(uri: str, index_name: str = "main") -> str:
     if mf.read_latest(nested) is not None or mf.list_versions(nested):
         return nested
     return uri
+
+
+def _workdir_lease(index_root: str, command: str) -> Lease:
+    """The workdir's lease (the one `run` holds), so that promote and gc never move
+    LATEST or delete files under a run that is building or publishing a version."""
+    parts = index_root.rstrip("/").rsplit("/", 2)
+    workdir = parts[0] if len(parts) == 3 and parts[1] == "indexes" else index_root
+    return Lease(lease_uri(workdir), f"{command}-{secrets.token_hex(4)}", holder=f"xmodal-index {command}")
 
 
 def _fail(command: str, err: BaseException) -> None:
@@ -131,8 +141,9 @@ def promote(version: str, index_uri: str, index_name: str) -> None:
         if problems:
             raise SinkError(f"refusing to promote {version}: " + "; ".join(problems[:3])
                             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-        before = mf.read_latest(root)
-        mf.write_latest(root, version)
+        with _workdir_lease(root, "promote"):
+            before = mf.read_latest(root)
+            mf.write_latest(root, version)
     except SinkError as err:
         _fail("promote", err)
         return
@@ -175,13 +186,16 @@ def gc(index_uri: str, index_name: str, keep: int, dry_run: bool) -> None:
     """
     try:
         root = resolve_index_root(index_uri, index_name)
-        delete, kept = plan_gc(root, keep)
-        for version in delete:
-            if dry_run:
+        if dry_run:
+            delete, kept = plan_gc(root, keep)
+            for version in delete:
                 click.echo(f"would delete {version}")
-                continue
-            count = mf.delete_version(root, version)
-            click.echo(f"deleted {version} ({count} objects)")
+        else:
+            with _workdir_lease(root, "gc"):
+                delete, kept = plan_gc(root, keep)
+                for version in delete:
+                    count = mf.delete_version(root, version)
+                    click.echo(f"deleted {version} ({count} objects)")
     except SinkError as err:
         _fail("gc", err)
         return

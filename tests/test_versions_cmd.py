@@ -87,6 +87,18 @@ def test_promote_refuses_a_version_with_a_missing_file(root):
     assert mf.read_latest(str(root)) == "v000004"
 
 
+def test_promote_and_gc_wait_for_no_one_while_a_run_holds_the_workdir(root):
+    from xmodal_index.sinks.lease import Lease, lease_uri
+
+    with Lease(lease_uri(str(root.parent.parent)), "run-in-progress"):
+        promoted = CliRunner().invoke(cli, ["promote", "v000002", "--index", str(root)])
+        collected = CliRunner().invoke(cli, ["gc", "--index", str(root), "--keep", "1"])
+    assert promoted.exit_code == 1 and "run-in-progress" in promoted.output
+    assert collected.exit_code == 1 and "run-in-progress" in collected.output
+    assert mf.read_latest(str(root)) == "v000004"
+    assert mf.list_versions(str(root)) == ["v000001", "v000002", "v000003", "v000004"]
+
+
 # ---------------------------------------------------------------- gc
 
 
