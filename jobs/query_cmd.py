@@ -113,7 +113,11 @@ def hit_json(h) -> dict:
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, help="Hits per query.")
 @click.option("--modality", default=None, help="Search only these streams, comma-separated from video,audio,image,text (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query on stdout: {id, hits: [...]}.")
-def query(index_uri, version, text, audio, image, video, queries, k, modality, as_json):
+@click.option("--two-stage", is_flag=True,
+              help="Hamming prefilter on the hash codes, then exact float re-rank (default: float ANN search).")
+@click.option("--candidates", type=click.IntRange(1, 1_000_000), default=None,
+              help="With --two-stage: Hamming candidates per shard to re-rank (default: max(k, the loader's default)).")
+def query(index_uri, version, text, audio, image, video, queries, k, modality, as_json, two_stage, candidates):
     """Find the moments matching a query in every modality of a published index."""
     given = {m: v for m, v in (("text", text), ("audio", audio), ("image", image), ("video", video)) if v is not None}
     if len(given) + (queries is not None) != 1:
@@ -136,9 +140,13 @@ def query(index_uri, version, text, audio, image, video, queries, k, modality, a
             todo = [{"id": 1, "modality": m, "value": v, "search": None}]
         for q in todo:
             payload = q["value"] if q["modality"] == "text" else decode_query_media(q["modality"], q["value"])
-            vec = encoder.encode(q["modality"], [payload]).embeddings
-            hits = version_obj.search(np.ascontiguousarray(vec, dtype=np.float32), k,
-                                      modalities=q["search"] or modalities)[0]
+            encoded = encoder.encode(q["modality"], [payload])
+            vec = np.ascontiguousarray(encoded.embeddings, dtype=np.float32)
+            if two_stage:
+                hits = version_obj.search(vec, k, modalities=q["search"] or modalities, mode="two_stage",
+                                          codes=encoded.codes, candidates=candidates)[0]
+            else:
+                hits = version_obj.search(vec, k, modalities=q["search"] or modalities)[0]
             if as_json:
                 click.echo(json.dumps({"id": q["id"], "hits": [hit_json(h) for h in hits]}))
             else:

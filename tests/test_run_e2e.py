@@ -214,3 +214,17 @@ def test_summary_out_is_written_even_when_the_run_fails(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["exit_code"] == 1 and "nope" in summary["error"]
     assert (tmp_path / "w" / "runs" / summary["run_id"] / "summary.json").exists()
+
+
+def test_two_stage_query_reranks_to_the_float_answer(first_run, archive):
+    """With candidates covering the whole shard, the Hamming prefilter keeps everything and the
+    exact re-rank must give the float search's answer; the top hit shows the queried digit."""
+    work, _ = first_run
+    gt = _ground_truth(archive)
+    args = ["query", "--index", str(work), "--text", "seven", "--modality", "video", "-k", "3", "--json"]
+    float_hits = json.loads(_invoke(*args).output.strip().splitlines()[-1])["hits"]
+    result = _invoke(*args, "--two-stage", "--candidates", "1000")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output.strip().splitlines()[-1])["hits"]
+    assert [h["segment_id"] for h in hits] == [h["segment_id"] for h in float_hits]
+    assert gt[(hits[0]["uri"], "video", hits[0]["start_s"])] == 7
