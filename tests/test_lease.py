@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
+from tests.run_helpers import invoke, run_args, summaries, write_config
+from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.lease import (
@@ -140,18 +141,6 @@ def test_of_racing_runs_exactly_one_gets_the_lease(workdir):
 
 
 # ---------------------------------------------------------------- through the CLI
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archive")
-    make_archive(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg"))
 
 
 def test_run_exits_4_while_another_run_holds_the_workdir(archive, config, tmp_path):

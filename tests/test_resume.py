@@ -17,23 +17,11 @@ from tests.run_helpers import (
     make_archive,
     run_args,
     summaries,
-    write_config,
 )
+from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import CRASH_ENV, CRASH_EXIT_CODE, live_batches
 from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archive")
-    make_archive(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg"))
 
 
 @pytest.fixture(scope="module")

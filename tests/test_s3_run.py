@@ -12,28 +12,15 @@ from tests.media_factory import make_png
 from tests.run_helpers import (
     index_contents,
     invoke,
-    make_archive,
     run_args,
     summaries,
     upload_tree,
-    write_config,
 )
+from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import live_batches
 from xmodal_index.sinks import manifest as mf
 from xmodal_index.sinks import s3, storage
 from xmodal_index.sinks.ledger import read_ledger
-
-
-@pytest.fixture(scope="module")
-def local_archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archive")
-    make_archive(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg"))
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +31,9 @@ def _beam_retry_env(monkeypatch):
 
 
 @pytest.fixture
-def s3_archive(s3_bucket, local_archive):
+def s3_archive(s3_bucket, archive):
     uri = s3_bucket + "/archive"
-    upload_tree(local_archive, uri)
+    upload_tree(archive, uri)
     return uri
 
 
