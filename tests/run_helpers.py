@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from tests.media_factory import make_png, make_video, make_vtt, make_wav
 from xmodal_index.jobs.cli import cli
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 
 # untrained seeded encoder (no checkpoint file), decoding in the Beam worker itself: fast and deterministic

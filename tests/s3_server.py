@@ -116,7 +116,7 @@ def s3_server() -> Iterator[MotoServer]:
 def _reset_storage_settings(clear_exported: bool = False) -> None:
     """Drop settings installed with configure_s3; with ``clear_exported`` also the
     XMODAL_S3_* variables it exported (monkeypatch then restores the original ones)."""
-    from xmodal_index.sinks import s3
+    from xmodal_index.sinks.storage import s3
 
     s3.configure_s3(None)
     if clear_exported:

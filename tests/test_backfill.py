@@ -19,7 +19,7 @@ from tests.run_helpers import (
     write_config,
 )
 from xmodal_index.jobs.run_cmd import parse_time
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
 
 UTC = datetime.timezone.utc

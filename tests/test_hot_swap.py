@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.embeddings_io import rows_batch
-from xmodal_index.sinks.hot_swap import HotSwapConfig, IndexHandle, NoServableVersionError
-from xmodal_index.sinks.index_build import IndexBuildConfig, build_version
-from xmodal_index.sinks.loader import IndexVersion
+from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle, NoServableVersionError
+from xmodal_index.sinks.index.build import IndexBuildConfig, build_version
+from xmodal_index.sinks.serving.loader import IndexVersion
 from xmodal_index.sinks.schema import segment_id
 
 DIM, BITS = 16, 32
@@ -118,7 +118,7 @@ def test_a_tampered_version_is_refused_and_the_old_one_kept(root, caplog):
         bad = publish(root, 50, seed=2, publish=False)
         tamper(root, bad)
         mf.write_latest(str(root), bad)
-        with caplog.at_level(logging.ERROR, logger="xmodal_index.sinks.hot_swap"):
+        with caplog.at_level(logging.ERROR, logger="xmodal_index.sinks.serving.hot_swap"):
             assert handle.refresh() is False
         status = handle.status()
         with handle.acquire() as served:

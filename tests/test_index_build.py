@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.embeddings_io import (
     batch_reader,
     embedding_matrix,
@@ -20,7 +20,7 @@ from xmodal_index.sinks.embeddings_io import (
     rows_batch,
 )
 from xmodal_index.sinks.errors import IndexVersionError
-from xmodal_index.sinks.index_build import (
+from xmodal_index.sinks.index.build import (
     EmptyIndexError,
     IndexBuildConfig,
     IndexBuildError,
@@ -28,7 +28,7 @@ from xmodal_index.sinks.index_build import (
     choose_factories,
     publish_version,
 )
-from xmodal_index.sinks.index_choice import IndexChoiceError
+from xmodal_index.sinks.index.choice import IndexChoiceError
 from xmodal_index.sinks.schema import embedding_schema, segment_id
 
 DIM, BITS = 32, 32

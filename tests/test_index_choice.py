@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.test_loader import Archive, exact_top10, recall_at_10
-from xmodal_index.sinks.index_build import IndexBuildConfig
-from xmodal_index.sinks.index_choice import (
+from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.choice import (
     IndexChoiceError,
     choose_factories,
     choose_index,
@@ -17,7 +17,7 @@ from xmodal_index.sinks.index_choice import (
     tune_search_params,
     uses_product_quantizer,
 )
-from xmodal_index.sinks.loader import IndexVersion
+from xmodal_index.sinks.serving.loader import IndexVersion
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -174,7 +174,7 @@ def test_a_hash_binary_index_gets_a_tuned_nflip(tmp_path):
     bits16 = Archive.__new__(Archive)
     bits16.__dict__.update(archive.__dict__)
     bits16.codes = archive.codes[:, :2].copy()
-    from xmodal_index.sinks.index_build import build_version
+    from xmodal_index.sinks.index.build import build_version
 
     manifest = build_version(bits16.batches(), str(tmp_path / "idx"), model_id="tiny@feedbeef", dim=32, bits=16,
                              config=config)

@@ -40,7 +40,7 @@ def test_package_imports_only_its_layer(package):
 
 def test_query_node_loader_needs_no_beam_or_torch():
     code = (
-        "import sys, xmodal_index.sinks.loader, xmodal_index.sinks.manifest, xmodal_index.sinks.storage, xmodal_index.sinks.hot_swap\n"
+        "import sys, xmodal_index.sinks.serving.loader, xmodal_index.sinks.index.manifest, xmodal_index.sinks.storage, xmodal_index.sinks.serving.hot_swap\n"
         "bad = [m for m in ('apache_beam', 'torch', 'click') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

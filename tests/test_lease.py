@@ -12,7 +12,7 @@ from tests.run_helpers import invoke, run_args, summaries, write_config
 from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.lease import (
+from xmodal_index.sinks.storage.lease import (
     Lease,
     LeaseConfig,
     LeaseHeldError,
@@ -20,7 +20,7 @@ from xmodal_index.sinks.lease import (
     lease_uri,
     read_lease,
 )
-from xmodal_index.sinks.manifest import list_versions, read_latest
+from xmodal_index.sinks.index.manifest import list_versions, read_latest
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import rows_batch
 from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
-from xmodal_index.sinks.index_build import IndexBuildConfig, build_version
-from xmodal_index.sinks.loader import Hit, IndexVersion
+from xmodal_index.sinks.index.build import IndexBuildConfig, build_version
+from xmodal_index.sinks.serving.loader import Hit, IndexVersion
 from xmodal_index.sinks.schema import segment_id
 
 DIM, BITS = 32, 64
@@ -299,7 +299,7 @@ def test_file_path_gives_the_verified_extra_file(flat_version):
 
 def test_loader_imports_without_beam_or_torch():
     code = (
-        "import sys, xmodal_index.sinks.loader\n"
+        "import sys, xmodal_index.sinks.serving.loader\n"
         "bad = [m for m in ('apache_beam', 'torch', 'click') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

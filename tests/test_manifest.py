@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError
 
 

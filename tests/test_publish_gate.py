@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from tests.test_loader import Archive
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError
-from xmodal_index.sinks.index_build import IndexBuildConfig
-from xmodal_index.sinks.publish_gate import GateConfig, gate, map_figures, publish_gated
+from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.publish_gate import GateConfig, gate, map_figures, publish_gated
 
 
 def _manifest(version: str, recall: float | None = 0.95, binary: float | None = 0.97, **extra) -> mf.Manifest:

@@ -20,7 +20,7 @@ from tests.run_helpers import (
 )
 from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import CRASH_ENV, CRASH_EXIT_CODE, live_batches
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
 
 

@@ -18,8 +18,9 @@ from tests.run_helpers import (
 )
 from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import live_batches
-from xmodal_index.sinks import manifest as mf
-from xmodal_index.sinks import s3, storage
+from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.storage import s3
 from xmodal_index.sinks.ledger import read_ledger
 
 

@@ -17,8 +17,8 @@ from xmodal_index.jobs.cli import cli
 from xmodal_index.jobs.query_support import prepare_encoder
 from xmodal_index.jobs.server import QueryServer, ServerConfig
 from xmodal_index.pipeline.sample_archive import build_sample_archive
-from xmodal_index.sinks import manifest as mf
-from xmodal_index.sinks.hot_swap import HotSwapConfig, IndexHandle
+from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
 HIT_FIELDS = {"uri", "modality", "start_s", "end_s", "score", "segment_id", "text"}
 # An untrained built-in encoder: fast, deterministic, independent of the bundled checkpoint.

@@ -7,8 +7,9 @@ import pytest
 
 from tests.test_loader import DIM, Archive, exact_top10, recall_at_10
 from xmodal_index.sinks.errors import IndexVersionError
-from xmodal_index.sinks.index_build import IndexBuildConfig
-from xmodal_index.sinks.loader import IndexVersion, StoredVectors
+from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.search import StoredVectors
+from xmodal_index.sinks.serving.loader import IndexVersion
 
 
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from tests.test_loader import Archive
 from xmodal_index.jobs.cli import cli
-from xmodal_index.sinks import manifest as mf
-from xmodal_index.sinks.index_build import IndexBuildConfig
+from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.index.build import IndexBuildConfig
 
 CONFIG = IndexBuildConfig(recall_sample=10)
 
@@ -88,7 +88,7 @@ def test_promote_refuses_a_version_with_a_missing_file(root):
 
 
 def test_promote_and_gc_wait_for_no_one_while_a_run_holds_the_workdir(root):
-    from xmodal_index.sinks.lease import Lease, lease_uri
+    from xmodal_index.sinks.storage.lease import Lease, lease_uri
 
     with Lease(lease_uri(str(root.parent.parent)), "run-in-progress"):
         promoted = CliRunner().invoke(cli, ["promote", "v000002", "--index", str(root)])

@@ -36,9 +36,9 @@ import shutil
 import tempfile
 from typing import IO, Iterator
 
-from xmodal_index.sinks import s3
+from xmodal_index.sinks.storage import s3
 from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
-from xmodal_index.sinks.s3 import (  # noqa: F401 - re-exported: part of the storage API
+from xmodal_index.sinks.storage.s3 import (  # noqa: F401 - re-exported: part of the storage API
     AccessDeniedError,
     BucketNotFoundError,
     CredentialsError,

@@ -24,7 +24,7 @@ import logging
 import math
 from typing import Any, Iterator, Mapping
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError
 
 logger = logging.getLogger(__name__)

@@ -48,11 +48,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
 from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.index_choice import (  # noqa: F401 - choose_factories is re-exported
+from xmodal_index.sinks.index.choice import (  # noqa: F401 - choose_factories is re-exported
     BINARY_TRAIN_PER_LIST,
     DEFAULT_MEMORY_BUDGET_BYTES,
     IndexChoice,
@@ -62,7 +62,7 @@ from xmodal_index.sinks.index_choice import (  # noqa: F401 - choose_factories i
     tune_search_params,
     uses_product_quantizer,
 )
-from xmodal_index.sinks.loader import RERANK_PARAM, StoredVectors, rerank_search
+from xmodal_index.sinks.index.search import RERANK_PARAM, StoredVectors, rerank_search
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import math
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError, SinkError
-from xmodal_index.sinks.loader import IndexVersion
+from xmodal_index.sinks.serving.loader import IndexVersion
 
 logger = logging.getLogger(__name__)
 

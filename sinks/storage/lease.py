@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator
 
 import botocore.exceptions
 
-from xmodal_index.sinks import s3, storage
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.storage import s3
 from xmodal_index.sinks.errors import SinkError, StorageError
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,7 @@
+"""Index versions: choosing, building, searching and publishing FAISS shards.
+
+Lives here: the build config and the budget chooser (choice.py), the streaming shard
+build (build.py), the manifest that describes a version (manifest.py) and the publish
+gate (publish_gate.py). May import pyarrow, faiss, numpy and the sibling packages of
+sinks/; must not import apache_beam, click or torch.
+"""

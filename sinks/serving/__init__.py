@@ -1,0 +1,6 @@
+"""Query-node code: load a published index version, verify it, search it, hot-swap it.
+
+Lives here: the loader (loader.py) and the hot-swapping handle (hot_swap.py) that
+`serve` and the Python API use. Importable without Beam, torch or click (a query
+node installs only what loading and searching needs; tests/test_layering.py checks it).
+"""
