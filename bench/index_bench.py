@@ -161,7 +161,7 @@ def _emit(result: dict) -> None:
 
 def child_build_ours(args: argparse.Namespace) -> None:
     from xmodal_index.sinks.embeddings_io import batch_reader
-    from xmodal_index.sinks.index_build import IndexBuildConfig, build_version
+    from xmodal_index.sinks.index.build import IndexBuildConfig, build_version
 
     config = IndexBuildConfig(memory_budget_bytes=int(args.budget), recall_target=args.recall_target,
                               max_shard_vectors=args.max_shard_vectors, float_factory=args.float_factory)
@@ -178,7 +178,7 @@ def child_build_ours(args: argparse.Namespace) -> None:
 
 
 def child_eval_ours(args: argparse.Namespace) -> None:
-    from xmodal_index.sinks.loader import IndexVersion
+    from xmodal_index.sinks.serving.loader import IndexVersion
 
     queries = np.load(os.path.join(args.data, "queries.npy"))
     codes = np.load(os.path.join(args.data, "query_codes.npy"))

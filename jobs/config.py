@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.pipeline.decode import DecodeConfig
 from xmodal_index.pipeline.listing import SourceConfig
-from xmodal_index.sinks.index_build import IndexBuildConfig
-from xmodal_index.sinks.publish_gate import GateConfig
+from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.publish_gate import GateConfig
 
 
 class ConfigError(ValueError):

@@ -129,7 +129,7 @@ def query(index_uri, version, text, audio, image, video, queries, k, modality, a
         except QueryError as err:
             raise click.BadParameter(str(err), param_hint="--modality") from err
     try:
-        from xmodal_index.sinks.loader import IndexVersion
+        from xmodal_index.sinks.serving.loader import IndexVersion
 
         version_obj = IndexVersion.open(resolve_index_root(index_uri), version=version)
         encoder = load_query_encoder(version_obj)

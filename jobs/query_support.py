@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from xmodal_index.jobs.query_cmd import QUERY_KEYS, QueryError, decode_query_media, hit_json, load_query_encoder
-from xmodal_index.sinks.hot_swap import Served
-from xmodal_index.sinks.loader import IndexVersion
+from xmodal_index.sinks.serving.hot_swap import Served
+from xmodal_index.sinks.serving.loader import IndexVersion
 from xmodal_index.sinks.schema import MODALITIES
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from xmodal_index.jobs.run_job import (
     execute,
     read_deadletters,
 )
-from xmodal_index.sinks.lease import LeaseConfig, LeaseHeldError
+from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
 from xmodal_index.sinks.storage import S3Config, configure_s3
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ Commit order (what makes a crash at any point safe to rerun):
 A rerun after a crash before 2 processes the same work again under a new run id
 (the crashed run's parts stay unreferenced); after 2 it builds the version from the
 committed ledger; after the manifest it publishes the version already uploaded.
-The whole run holds the workdir lease (sinks/lease.py), renewed before each commit.
+The whole run holds the workdir lease (sinks/storage/lease.py), renewed before each commit.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from xmodal_index.pipeline.dag import (
     read_worklist,
 )
 from xmodal_index.pipeline.types import MediaItem
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import batch_reader
 from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
-from xmodal_index.sinks.index_build import build_version
-from xmodal_index.sinks.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo, lease_uri
+from xmodal_index.sinks.index.build import build_version
+from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo, lease_uri
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
     ledger_snapshot_name,
@@ -64,7 +64,7 @@ from xmodal_index.sinks.ledger import (
     snapshot_name,
     write_ledger,
 )
-from xmodal_index.sinks.publish_gate import GateDecision, publish_gated
+from xmodal_index.sinks.index.publish_gate import GateDecision, publish_gated
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
 
 logger = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ from xmodal_index.jobs.query_cmd import resolve_index_root
 from xmodal_index.jobs.query_support import prepare_encoder
 from xmodal_index.jobs.server import MiB, QueryServer, ServerConfig
 from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.hot_swap import HotSwapConfig, IndexHandle
+from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
-_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_cmd", "xmodal_index.sinks.hot_swap")
+_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_cmd", "xmodal_index.sinks.serving.hot_swap")
 
 
 @click.command(context_settings={"show_default": True})

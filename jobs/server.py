@@ -29,7 +29,7 @@ import urllib.parse
 from typing import Any
 
 from xmodal_index.jobs.query_support import QueryRequest, RequestError, parse_request, run_query
-from xmodal_index.sinks.hot_swap import IndexHandle, NoServableVersionError
+from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionError
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from xmodal_index.sinks import manifest as mf
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.lease import Lease, lease_uri
-from xmodal_index.sinks.publish_gate import map_figures, recall_figures
+from xmodal_index.sinks.storage.lease import Lease, lease_uri
+from xmodal_index.sinks.index.publish_gate import map_figures, recall_figures
 
 logger = logging.getLogger(__name__)
 
