@@ -169,6 +169,13 @@ def _json_row(row: dict) -> dict:
     return out
 
 
+def _workdir_uri(workdir: str) -> str:
+    try:
+        return storage.normalize_uri(workdir)
+    except SinkError as err:
+        raise click.BadParameter(str(err), param_hint="--workdir") from err
+
+
 @click.command("deadletter")
 @click.option("--workdir", required=True, help="Workdir of the runs (local path, file:// or s3:// URI).")
 @click.option("--run", "run_id", default=None, metavar="RUN_ID",
@@ -188,19 +195,20 @@ def deadletter(workdir: str, run_id: str | None, all_runs: bool, examples: int, 
     """
     if run_id and all_runs:
         raise click.UsageError("--run and --all exclude each other")
+    shown, workdir = workdir, _workdir_uri(workdir)  # listings name objects by absolute path
     try:
         if not storage.exists(workdir):
-            raise click.ClickException(f"no workdir at {printable(workdir)}")
+            raise click.ClickException(f"no workdir at {printable(shown)}")
         if all_runs:
             scope, rows = "all runs", [r for run in run_ids_with_dead_letters(workdir) for r in read_run(workdir, run)]
         elif run_id:
             if run_id == "latest":
                 run_id = _latest_run(workdir)
                 if run_id is None:
-                    raise click.ClickException(f"no run in {workdir} has dead letters")
+                    raise click.ClickException(f"no run in {shown} has dead letters")
             scope, rows = f"run {run_id}", read_run(workdir, run_id)
             if not rows and not storage.exists(storage.join(workdir, "runs", run_id)):
-                raise click.ClickException(f"no run {run_id!r} in {workdir} (runs are listed under {workdir}/runs/)")
+                raise click.ClickException(f"no run {run_id!r} in {shown} (runs are listed under {shown}/runs/)")
         elif ledger_snapshot_name(workdir) is not None:
             scope, rows = "failed now (committed ledger)", current_failures(workdir)
         else:
@@ -208,19 +216,19 @@ def deadletter(workdir: str, run_id: str | None, all_runs: bool, examples: int, 
             scope = f"run {latest} (no committed ledger yet)" if latest else "no runs"
             rows = read_run(workdir, latest) if latest else []
     except SinkError as err:
-        raise DeadLetterReadError(f"cannot read {workdir}: {err}") from err
+        raise DeadLetterReadError(f"cannot read {shown}: {err}") from err
     groups = failure_groups(rows, examples)
     if as_json:
-        click.echo(json.dumps({"workdir": workdir, "scope": scope, "total": len(rows),
+        click.echo(json.dumps({"workdir": shown, "scope": scope, "total": len(rows),
                                "groups": [{"stage": g.stage, "error_type": g.error_type, "count": g.count,
                                            "examples": [_json_row(r) for r in g.examples]} for g in groups]}))
         return
     if not rows:
-        click.echo(f"no failures ({scope}) in {printable(workdir)}")
+        click.echo(f"no failures ({scope}) in {printable(shown)}")
         return
-    click.echo(f"{len(rows)} failure(s), {scope}, in {printable(workdir)}")
+    click.echo(f"{len(rows)} failure(s), {scope}, in {printable(shown)}")
     click.echo("")
     for line in format_groups(groups):
         click.echo(line)
     click.echo("")
-    click.echo(f"retry: xmodal-index run --source SOURCE --workdir {printable(workdir)} --retry-failed")
+    click.echo(f"retry: xmodal-index run --source SOURCE --workdir {printable(shown)} --retry-failed")

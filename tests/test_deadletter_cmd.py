@@ -144,3 +144,14 @@ def test_failure_groups_keep_examples_in_uri_order_and_cut_to_the_count():
 
 def test_printable_leaves_ordinary_text_alone():
     assert printable("café – 東京.mp4") == "café – 東京.mp4"
+
+
+@pytest.mark.parametrize("spelling", ["relative", "file"])
+@pytest.mark.parametrize("scope", [[], ["--run", "latest"], ["--all"]])
+def test_relative_and_file_uri_workdirs_list_the_same_failures(work, monkeypatch, spelling, scope):
+    expected = groups_of(invoke("--workdir", str(work), "--json", *scope))
+    monkeypatch.chdir(work.parent)
+    workdir = "work" if spelling == "relative" else f"file://{work}"
+    result = invoke("--workdir", workdir, "--json", *scope)
+    assert groups_of(result) == expected
+    assert sum(expected.values()) >= 1  # the absolute spelling finds failures in every scope
