@@ -23,12 +23,13 @@ import re
 from typing import Any, Mapping
 
 from xmodal_index.sinks import storage
+from xmodal_index.sinks.index import seal
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-LATEST_NAME = "LATEST"
+LATEST_NAME = seal.LATEST_NAME
 FORMAT_VERSION = 1
 SHARD_KINDS = ("float", "binary")
 # Columns of a shard's id map Parquet file, sorted by segment_id.
@@ -36,7 +37,7 @@ ID_MAP_COLUMNS = ("segment_id", "uri", "modality", "start_s", "end_s", "text", "
 # Id-map column (int64) giving each row's position in the shard's stored-vectors file.
 VECTOR_ROW_COLUMN = "vector_row"
 
-_VERSION_RE = re.compile(r"v(\d{6,})")
+_VERSION_RE = re.compile(r"v(\d{6,12})")
 
 
 # ---------------------------------------------------------------- versions
@@ -51,9 +52,9 @@ def version_name(number: int) -> str:
 
 def version_number(name: str) -> int:
     """``"v000001" -> 1``; raises IndexVersionError for anything else."""
-    match = _VERSION_RE.fullmatch(name)
+    match = _VERSION_RE.fullmatch(name) if isinstance(name, str) else None
     if match is None:
-        raise IndexVersionError(f"{name!r} is not a version name (expected v000001, v000002, ...)")
+        raise IndexVersionError(f"{seal.sanitise(str(name))} is not a version name (expected v000001, v000002, ...)")
     return int(match.group(1))
 
 
@@ -104,23 +105,25 @@ def next_version(index_root: str) -> str:
 
 
 def read_latest(index_root: str) -> str | None:
-    """The version LATEST names, or None when nothing was published yet."""
-    uri = storage.join(index_root, LATEST_NAME)
-    try:
-        text = storage.read_bytes(uri).decode("utf-8").strip()
-    except ObjectNotFoundError:
-        return None
-    except UnicodeDecodeError as err:
-        raise IndexVersionError(f"{uri!r} is not a text file naming a version") from err
-    version_number(text)  # validates
-    return text
+    """The version LATEST names, or None when nothing was published yet (bounded,
+    strict read: see seal.read_latest_record)."""
+    record = seal.read_latest_record(index_root)
+    return None if record is None else record.version
 
 
 def write_latest(index_root: str, version: str) -> None:
-    """Point LATEST at ``version`` (an atomic replace on every backend)."""
+    """Point LATEST at ``version`` (an atomic replace on every backend), recording the
+    digest of its stored manifest and, with XMODAL_INDEX_SIGNING_KEY set, its HMAC.
+    (The fenced publish step supersedes this unconditional write.)"""
     version_number(version)
-    storage.write_bytes(storage.join(index_root, LATEST_NAME), f"{version}\n".encode())
-    logger.info("LATEST of %s -> %s", index_root, version)
+    uri = manifest_uri(index_root, version)
+    try:
+        digest = seal.manifest_digest(storage.read_bytes(uri))
+    except ObjectNotFoundError as err:
+        raise IndexVersionError(f"cannot point LATEST at {version}: no manifest at {uri!r}") from err
+    signature = seal.sign(version, digest, seal.signing_key_from_env())
+    storage.write_bytes(storage.join(index_root, LATEST_NAME), seal.format_latest(version, digest, signature).encode())
+    logger.info("LATEST of %s -> %s (manifest sha256 %s)", index_root, version, digest)
 
 
 def incomplete_versions(index_root: str) -> list[str]:
@@ -281,7 +284,8 @@ class Manifest:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        """Canonical JSON (sorted keys, fixed separators, ASCII): the bytes a version's digest seals."""
+        return canonical_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
@@ -331,6 +335,11 @@ class Manifest:
         return cls.from_dict(data, source)
 
 
+def canonical_json(data: Mapping[str, Any]) -> str:
+    """One fixed text per value: sorted keys, no whitespace, ASCII, no NaN; ends with a newline."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False) + "\n"
+
+
 def utc_now_iso() -> str:
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     return now.isoformat().replace("+00:00", "Z")
@@ -373,6 +382,11 @@ def missing_files(index_root: str, manifest: Manifest) -> list[str]:
 
 
 def write_manifest(index_root: str, manifest: Manifest) -> str:
+    """Write the manifest as canonical JSON, then its SEAL (digest, and the HMAC when
+    XMODAL_INDEX_SIGNING_KEY is set); returns the manifest's URI."""
     uri = manifest_uri(index_root, manifest.version)
-    storage.write_bytes(uri, manifest.to_json().encode("utf-8"))
+    data = manifest.to_json().encode("utf-8")
+    storage.write_bytes(uri, data)
+    digest = seal.manifest_digest(data)
+    seal.write_seal(index_root, manifest.version, digest, seal.sign(manifest.version, digest, seal.signing_key_from_env()))
     return uri
