@@ -24,22 +24,51 @@ class _DropImportNoise(logging.Filter):
         return not any(n in msg for n in self.NOISE)
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    if verbose < 2:
-        for noisy in ("apache_beam", "root", "botocore", "urllib3", "s3transfer"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+class _DropLibraryChatter(logging.Filter):
+    """Below -vv, INFO and DEBUG records that libraries log on the root logger itself
+    (Beam's runners do: ``logging.info(...)``) stay out; this tool names its loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" or record.levelno >= logging.WARNING
+
+
+# libraries whose INFO lines are noise for an operator: shown from -vv on
+LIBRARY_LOGGERS = ("apache_beam", "botocore", "boto3", "urllib3", "s3transfer", "grpc", "numba", "matplotlib", "PIL")
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """WARNING by default; -v INFO, -vv DEBUG; -q ERROR only."""
+    return min(max(logging.WARNING - 10 * (verbose - quiet), logging.DEBUG), logging.ERROR)
+
+
+def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
+    """One stderr handler on the root logger at the level -v/-q ask for. Libraries
+    (Beam, boto) log WARNING and above unless -vv."""
+    level = log_level(verbose, quiet)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_DropImportNoise())
+    if verbose - quiet < 2:
+        handler.addFilter(_DropLibraryChatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING) if verbose - quiet < 2 else logging.NOTSET)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="xmodal-index")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr: -v info, -vv debug (default: warnings only).")
+@click.option("-v", "--verbose", count=True,
+              help="More log output on stderr: -v adds INFO lines of this tool, -vv DEBUG and the INFO lines of "
+                   "Beam and boto. Default: warnings and errors.")
+@click.option("-q", "--quiet", count=True, help="Less log output on stderr: errors only (warnings hidden). Default: off.")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Index media archives into one cross-modal space and query the published indexes."""
-    setup_logging(verbose)
+    setup_logging(verbose, quiet)
 
 
 def _register() -> None:
@@ -70,7 +99,7 @@ def _register() -> None:
         cli.add_command(getattr(mod, name))
 
 
-logging.getLogger().addFilter(_DropImportNoise())
+logging.getLogger().addFilter(_DropImportNoise())  # import-time warnings, before any handler is set up
 _register()
 
 
