@@ -19,3 +19,8 @@ class IndexVersionError(SinkError):
 
 class ChecksumMismatchError(IndexVersionError):
     """A file of an index version does not match the sha256 in its manifest."""
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write or delete found the object absent, present or at another
+    version than the caller expected (someone else changed it first)."""

@@ -140,6 +140,43 @@ def test_of_racing_runs_exactly_one_gets_the_lease(workdir):
     won[0].release()
 
 
+def test_every_acquisition_gets_a_larger_generation(workdir):
+    generations = []
+    for run in ("run-a", "run-b", "run-c"):
+        with Lease(lease_uri(workdir), run) as lease:
+            generations.append(lease.generation)
+    assert generations == [1, 2, 3]
+    clock = Clock()
+    stale = Lease(lease_uri(workdir), "run-d", LeaseConfig(ttl_s=60), clock=clock)
+    stale.acquire()
+    clock.t += 61
+    with Lease(lease_uri(workdir), "run-e", LeaseConfig(ttl_s=60), clock=clock) as taker:
+        assert (stale.generation, taker.generation) == (4, 5)
+    stale.release()
+
+
+def test_check_tells_a_holder_whose_lease_was_taken_over(workdir):
+    clock = Clock()
+    first = Lease(lease_uri(workdir), "run-a", LeaseConfig(ttl_s=60), clock=clock)
+    first.acquire()
+    first.check()  # still ours
+    clock.t += 61
+    with Lease(lease_uri(workdir), "run-b", LeaseConfig(ttl_s=60), clock=clock) as second:
+        second.check()
+        with pytest.raises(LeaseLostError, match="run-b"):
+            first.check()
+    first.release()
+
+
+def test_a_lease_written_before_generations_existed_is_still_read(workdir):
+    old = {"holder": "xmodal-index run", "run_id": "old-run", "host": "elsewhere", "pid": 1, "token": "t",
+           "acquired_at": 0.0, "renewed_at": 0.0, "expires_at": 1.0}
+    storage.write_bytes(lease_uri(workdir), json.dumps(old).encode())
+    assert read_lease(workdir).run_id == "old-run"
+    with Lease(lease_uri(workdir), "new-run") as lease:  # expired long ago: taken over
+        assert lease.generation == 1
+
+
 # ---------------------------------------------------------------- through the CLI
 
 

@@ -36,8 +36,16 @@ import shutil
 import tempfile
 from typing import IO, Iterator
 
+from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 from xmodal_index.sinks.storage import s3
-from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
+from xmodal_index.sinks.storage.conditional import (
+    create_if_absent,
+    delete_if_match,
+    read_versioned,
+    replace_if_match,
+)
+from xmodal_index.sinks.storage.uri import filesystem_path as _local
+from xmodal_index.sinks.storage.uri import is_s3, join, normalize_uri
 from xmodal_index.sinks.storage.s3 import (  # noqa: F401 - re-exported: part of the storage API
     AccessDeniedError,
     BucketNotFoundError,
@@ -62,25 +70,6 @@ class ObjectInfo:
     size: int
     mtime: float  # seconds since the epoch
     etag: str  # object-store etag, or a size+mtime fingerprint on local disks
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def _local(uri: str) -> str:
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if "://" in uri:
-        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
-    return uri
-
-
-def join(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for p in parts:
-        out = out + "/" + p.strip("/")
-    return out
 
 
 def _local_etag(st: os.stat_result) -> str:

@@ -2,43 +2,41 @@
 
 The lease is one small JSON object, ``WORKDIR/LEASE``::
 
-    {"holder": ..., "run_id": ..., "host": ..., "pid": ..., "token": ...,
-     "acquired_at": ..., "renewed_at": ..., "expires_at": ...}   (times: epoch seconds)
+    {"holder": ..., "run_id": ..., "host": ..., "pid": ..., "token": ..., "generation": ...,
+     "released": ..., "acquired_at": ..., "renewed_at": ..., "expires_at": ...}
+    (times: epoch seconds)
 
-- Acquire is a conditional create: on S3 a PUT with ``If-None-Match: *``; on a local
-  disk the file is written under a temporary name and hard-linked into place (the
-  link fails when the lease exists), all under an ``flock`` of ``LEASE.lock``.
-- A heartbeat thread renews it every ``renew_every_s`` with a compare-and-swap
-  (S3: ``If-Match`` on the ETag read last; locally: the token, under the flock).
-- A lease past ``expires_at`` may be taken over by anyone, and so may a lease whose
-  holder ran on this host under a process id that no longer exists (a killed run).
-- Every write on S3 is read back and its token compared, so a store that ignores
-  conditional headers still lets at most one of two racing writers believe it won.
+It is written only with the storage layer's conditional writes
+(:mod:`xmodal_index.sinks.storage.conditional`), so of several runs racing for it
+exactly one wins:
+
+- Acquire creates it if absent, or replaces a released, expired or orphaned one (a
+  holder that ran on this host under a process id that no longer exists) if it is
+  still at the version just read.
+- A heartbeat thread renews it every ``renew_every_s`` with the same compare-and-swap.
+- Release marks it released (a compare-and-swap too) instead of deleting it, so the
+  ``generation`` survives: it grows by one on every acquisition and is the fencing
+  token of the holder (:attr:`Lease.generation`). A lease object that cannot be parsed
+  counts as expired with generation 0.
 
 Clocks of the machines sharing a workdir must agree to well within ``ttl_s``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
-
-import botocore.exceptions
+from typing import Callable
 
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.storage import s3
-from xmodal_index.sinks.errors import SinkError, StorageError
+from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, SinkError
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +103,8 @@ class LeaseInfo:
     acquired_at: float
     renewed_at: float
     expires_at: float
+    generation: int = 0  # one more on every acquisition: the holder's fencing token
+    released: bool = False  # released by its holder: free to acquire
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
@@ -116,12 +116,13 @@ class LeaseInfo:
     def from_json(cls, data: bytes, uri: str) -> "LeaseInfo":
         try:
             d = json.loads(data)
-            return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+            return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)
+                          if f.name in d or f.default is dataclasses.MISSING})
         except (ValueError, KeyError, TypeError) as err:
             raise LeaseError(f"{uri} is not a lease object ({type(err).__name__}: {err})") from err
 
     def describe(self) -> str:
-        return (f"run {self.run_id} ({self.holder}, pid {self.pid} on {self.host}), "
+        return (f"run {self.run_id} ({self.holder}, pid {self.pid} on {self.host}, generation {self.generation}), "
                 f"acquired {_iso(self.acquired_at)}, expires {_iso(self.expires_at)}")
 
 
@@ -148,177 +149,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- backends
-# Each backend stores one LEASE object and offers create-if-absent, read with a
-# version, replace-if-version and delete-if-version. Versions are opaque strings
-# (the token locally, the ETag on S3); create and replace return the new version,
-# or None when the condition did not hold.
-
-
-class _LocalBackend:
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.path = uri[len("file://"):] if uri.startswith("file://") else uri
-        self._lock_path = self.path + ".lock"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise StorageError(f"cannot open the lease lock {self._lock_path!r}: {err.strerror}") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing drops the flock
-
-    def _read_unlocked(self) -> tuple[LeaseInfo, str] | None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise StorageError(f"cannot read the lease {self.uri!r}: {err.strerror}") from err
-        try:
-            info = LeaseInfo.from_json(data, self.uri)
-        except LeaseError:
-            logger.warning("%s is not a valid lease object: treating it as expired", self.uri)
-            info = _CORRUPT
-        return info, info.token
-
-    def _write_tmp(self, info: LeaseInfo) -> str:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".tmp-LEASE-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(info.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        return tmp
-
-    def create(self, info: LeaseInfo) -> str | None:
-        with self._locked():
-            tmp = self._write_tmp(info)
-            try:
-                os.link(tmp, self.path)  # atomic create-if-absent of the complete content
-                return info.token
-            except FileExistsError:
-                return None
-            except OSError as err:
-                raise StorageError(f"cannot create the lease {self.uri!r}: {err.strerror}") from err
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-    def read(self) -> tuple[LeaseInfo, str] | None:
-        with self._locked():
-            return self._read_unlocked()
-
-    def replace(self, version: str, info: LeaseInfo) -> str | None:
-        with self._locked():
-            current = self._read_unlocked()
-            if current is None or current[1] != version:
-                return None
-            tmp = self._write_tmp(info)
-            try:
-                os.replace(tmp, self.path)
-            except OSError as err:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise StorageError(f"cannot write the lease {self.uri!r}: {err.strerror}") from err
-            return info.token
-
-    def delete(self, version: str) -> bool:
-        with self._locked():
-            current = self._read_unlocked()
-            if current is None or current[1] != version:
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return True
-
-
-_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-
-
-def _code(err: botocore.exceptions.ClientError) -> str:
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
-class _S3Backend:
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.bucket, self.key = s3.split_uri(uri)
-
-    def _put(self, info: LeaseInfo, **condition: str) -> str | None:
-        client = s3.get_client()
-        try:
-            client.put_object(Bucket=self.bucket, Key=self.key, Body=info.to_json(),
-                              ContentType="application/json", **condition)
-        except botocore.exceptions.ClientError as err:
-            if _code(err) in _CONFLICT_CODES or _code(err) in ("NoSuchKey", "404"):
-                return None
-            raise s3.map_error(err, self.uri, "write the lease") from err
-        except botocore.exceptions.BotoCoreError as err:
-            raise s3.map_error(err, self.uri, "write the lease") from err
-        # read back: a store that ignores conditional headers may have let a racing writer win
-        current = self.read()
-        if current is None or current[0].token != info.token:
-            return None
-        return current[1]
-
-    def create(self, info: LeaseInfo) -> str | None:
-        return self._put(info, IfNoneMatch="*")
-
-    def read(self) -> tuple[LeaseInfo, str] | None:
-        client = s3.get_client()
-        try:
-            resp = client.get_object(Bucket=self.bucket, Key=self.key)
-            data = resp["Body"].read()
-        except botocore.exceptions.ClientError as err:
-            if _code(err) in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise s3.map_error(err, self.uri, "read the lease") from err
-        except botocore.exceptions.BotoCoreError as err:
-            raise s3.map_error(err, self.uri, "read the lease") from err
-        etag = resp.get("ETag", "")
-        try:
-            return LeaseInfo.from_json(data, self.uri), etag
-        except LeaseError:
-            logger.warning("%s is not a valid lease object: treating it as expired", self.uri)
-            return _CORRUPT, etag
-
-    def replace(self, version: str, info: LeaseInfo) -> str | None:
-        return self._put(info, IfMatch=version)
-
-    def delete(self, version: str) -> bool:
-        client = s3.get_client()
-        try:
-            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=version)
-            return True
-        except botocore.exceptions.ClientError as err:
-            if _code(err) in _CONFLICT_CODES or _code(err) in ("NoSuchKey", "404"):
-                return False
-            if _code(err) == "NotImplemented":  # a store without conditional deletes
-                current = self.read()
-                if current is None or current[1] != version:
-                    return False
-                storage.delete(self.uri)
-                return True
-            raise s3.map_error(err, self.uri, "delete the lease") from err
-        except botocore.exceptions.BotoCoreError as err:
-            raise s3.map_error(err, self.uri, "delete the lease") from err
-
-
 # Stands for an unreadable lease object: expired, so it can be replaced.
 _CORRUPT = LeaseInfo(holder="<unreadable>", run_id="<unknown>", host="<unknown>", pid=0, token="",
                      acquired_at=0.0, renewed_at=0.0, expires_at=0.0)
 
 
-def _backend(uri: str) -> Any:
-    return _S3Backend(uri) if storage.is_s3(uri) else _LocalBackend(uri)
+def _read(uri: str) -> tuple[LeaseInfo, str] | None:
+    """The lease object at ``uri`` and its storage version (None when there is none)."""
+    try:
+        data, version = storage.read_versioned(uri)
+    except ObjectNotFoundError:
+        return None
+    try:
+        return LeaseInfo.from_json(data, uri), version
+    except LeaseError:
+        logger.warning("%s is not a valid lease object: treating it as expired", uri)
+        return _CORRUPT, version
 
 
 # ---------------------------------------------------------------- the lease
@@ -329,7 +175,8 @@ class Lease:
 
     Use as a context manager, or call :meth:`acquire` and :meth:`release`. Call
     :meth:`confirm` right before any commit: it renews the lease synchronously and
-    raises LeaseLostError when another run has taken it over.
+    raises LeaseLostError when another run has taken it over. :meth:`check` asks the
+    same question with a read only; :attr:`generation` is the fencing token.
     """
 
     def __init__(self, uri: str, run_id: str, config: LeaseConfig = LeaseConfig(), *,
@@ -339,7 +186,6 @@ class Lease:
         self.config = config
         self.holder = holder
         self._clock = clock
-        self._backend = _backend(uri)
         self._token = secrets.token_hex(16)
         self._host = socket.gethostname()
         self._info: LeaseInfo | None = None
@@ -359,14 +205,24 @@ class Lease:
     def info(self) -> LeaseInfo | None:
         return self._info
 
-    def _new_info(self, acquired_at: float | None = None) -> LeaseInfo:
+    @property
+    def generation(self) -> int:
+        """The fencing token of this holding: larger than that of every earlier holder."""
+        if self._info is None:
+            raise LeaseError(f"the lease {self.uri} is not held")
+        return self._info.generation
+
+    def _new_info(self, generation: int, acquired_at: float | None = None, released: bool = False) -> LeaseInfo:
         now = self._clock()
         return LeaseInfo(holder=self.holder, run_id=self.run_id, host=self._host, pid=os.getpid(),
                          token=self._token, acquired_at=now if acquired_at is None else acquired_at,
-                         renewed_at=now, expires_at=now + self.config.ttl_s)
+                         renewed_at=now, expires_at=now if released else now + self.config.ttl_s,
+                         generation=generation, released=released)
 
     def _stale(self, info: LeaseInfo) -> str | None:
         """Why ``info`` may be taken over, or None while its holder may still be alive."""
+        if info.released:
+            return "released"
         if info.expires_at <= self._clock():
             return f"expired at {_iso(info.expires_at)}"
         if info.host == self._host:
@@ -388,21 +244,12 @@ class Lease:
         deadline = time.monotonic() + self.config.wait_s
         told = False
         while True:
-            mine = self._new_info()
-            version = self._backend.create(mine)
-            if version is not None:
-                return self._acquired(mine, version)
-            current = self._backend.read()
-            if current is None:
-                continue  # released in between: try again at once
-            info, version = current
-            why = self._stale(info)
-            if why is not None:
-                new_version = self._backend.replace(version, mine)
-                if new_version is not None:
-                    logger.warning("took over the lease %s of %s: %s", self.uri, info.describe(), why)
-                    return self._acquired(mine, new_version)
-                continue  # someone else changed it first: look again
+            taken = self._try_take()
+            if taken is None:
+                continue  # it changed under us: look again at once
+            if taken.token == self._token:
+                return taken
+            info = taken
             left = deadline - time.monotonic()
             if left <= 0:
                 waited = f" after waiting {self.config.wait_s:g} s" if self.config.wait_s else ""
@@ -415,17 +262,44 @@ class Lease:
                     on_wait(info)
             time.sleep(min(self.config.poll_s, left))
 
+    def _try_take(self) -> LeaseInfo | None:
+        """One attempt: our new LeaseInfo when taken, the holder's while a live run
+        holds it, None when the object changed between the read and the write."""
+        current = _read(self.uri)
+        why = None if current is None else self._stale(current[0])
+        if current is not None and why is None:
+            return current[0]
+        # known as held before it is written: no thread of this process may take it for orphaned
+        _held_tokens.add(self._token)
+        try:
+            if current is None:
+                mine = self._new_info(generation=1)
+                return self._acquired(mine, storage.create_if_absent(self.uri, mine.to_json()))
+            info, version = current
+            mine = self._new_info(generation=info.generation + 1)
+            new_version = storage.replace_if_match(self.uri, mine.to_json(), version)
+        except PreconditionFailedError:
+            _held_tokens.discard(self._token)
+            return None
+        except BaseException:
+            _held_tokens.discard(self._token)
+            raise
+        if not info.released:
+            logger.warning("took over the lease %s of %s: %s", self.uri, info.describe(), why)
+        return self._acquired(mine, new_version)
+
     def _acquired(self, info: LeaseInfo, version: str) -> LeaseInfo:
         self._info, self._version, self._lost = info, version, None
         _held_tokens.add(self._token)
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.run_id}", daemon=True)
         self._thread.start()
-        logger.info("acquired the lease %s until %s", self.uri, _iso(info.expires_at))
+        logger.info("acquired the lease %s (generation %d) until %s", self.uri, info.generation,
+                    _iso(info.expires_at))
         return info
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours (never raises)."""
+        """Stop the heartbeat and mark the lease released if it is still ours (never raises)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -433,13 +307,15 @@ class Lease:
         with self._lock:
             if self._info is None:
                 return
-            version, self._info, self._version = self._version, None, None
+            info, version, self._info, self._version = self._info, self._version, None, None
             _held_tokens.discard(self._token)
             if self._lost is not None:
                 return
+            released = self._new_info(info.generation, acquired_at=info.acquired_at, released=True)
             try:
-                if not self._backend.delete(version or ""):
-                    logger.warning("the lease %s was no longer ours when released", self.uri)
+                storage.replace_if_match(self.uri, released.to_json(), version or "")
+            except PreconditionFailedError:
+                logger.warning("the lease %s was no longer ours when released", self.uri)
             except SinkError as err:
                 logger.warning("could not release the lease %s (it expires by itself): %s", self.uri, err)
 
@@ -450,25 +326,42 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    # ------------------------------------------------------------ renew
+    # ------------------------------------------------------------ renew and check
 
     def confirm(self) -> None:
         """Renew now; raises LeaseLostError if the lease is no longer ours."""
         with self._lock:
             self._renew_locked()
 
+    def check(self) -> None:
+        """Raise LeaseLostError unless the stored lease is still this holding (read only)."""
+        with self._lock:
+            if self._info is None:
+                raise LeaseLostError(f"the lease {self.uri} is not held")
+            if self._lost is not None:
+                raise LeaseLostError(self._lost)
+            current = _read(self.uri)
+            if current is None or current[0].token != self._token or current[0].generation != self._info.generation:
+                self._lost = self._lost_message(current)
+                raise LeaseLostError(self._lost)
+            if current[0].expires_at <= self._clock():
+                raise LeaseLostError(f"the workdir lease {self.uri} expired at {_iso(current[0].expires_at)}")
+
+    def _lost_message(self, current: tuple[LeaseInfo, str] | None) -> str:
+        holder = f": now held by {current[0].describe()}" if current is not None else ""
+        return f"lost the workdir lease {self.uri}{holder}"
+
     def _renew_locked(self) -> None:
         if self._info is None:
             raise LeaseLostError(f"the lease {self.uri} is not held")
         if self._lost is not None:
             raise LeaseLostError(self._lost)
-        info = self._new_info(acquired_at=self._info.acquired_at)
-        version = self._backend.replace(self._version or "", info)
-        if version is None:
-            current = self._backend.read()
-            holder = f": now held by {current[0].describe()}" if current is not None else ""
-            self._lost = f"lost the workdir lease {self.uri}{holder}"
-            raise LeaseLostError(self._lost)
+        info = self._new_info(self._info.generation, acquired_at=self._info.acquired_at)
+        try:
+            version = storage.replace_if_match(self.uri, info.to_json(), self._version or "")
+        except PreconditionFailedError:
+            self._lost = self._lost_message(_read(self.uri))
+            raise LeaseLostError(self._lost) from None
         self._info, self._version = info, version
 
     def _heartbeat(self) -> None:
@@ -493,8 +386,10 @@ class Lease:
 
 def read_lease(workdir: str) -> LeaseInfo | None:
     """The current lease of ``workdir`` (None when no run holds it)."""
-    current = _backend(lease_uri(workdir)).read()
-    return None if current is None else current[0]
+    current = _read(lease_uri(workdir))
+    if current is None or current[0].released:
+        return None
+    return current[0]
 
 
 __all__ = [

@@ -42,7 +42,7 @@ import botocore.session
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from s3transfer.exceptions import RetriesExceededError
 
-from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
+from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -563,6 +563,90 @@ def _transfer(uri: str, action: str, submit: Callable[[Any], Any]) -> None:
         ) from err
     except OSError as err:
         raise StorageError(f"failed to {action} {uri}: {_one_line(str(err))}") from err
+
+
+# --------------------------------------------------------------------------- conditional writes
+# Versions are ETags without quotes. Every conditional PUT is read back (HEAD) and its
+# ETag compared, so on a store that ignores the conditional headers at most one of two
+# racing writers of different content is told that it won.
+
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+def _code(err: botocore.exceptions.ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def read_versioned(uri: str) -> tuple[bytes, str]:
+    """The object's bytes and ETag, read in one GET."""
+    bucket, key = split_uri(uri)
+    try:
+        response = get_client().get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+    except botocore.exceptions.ClientError as err:
+        if _is_404(err):
+            raise _not_found(bucket, uri) from err
+        raise map_error(err, uri, "read") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise map_error(err, uri, "read") from err
+    return data, _etag(response.get("ETag"))
+
+
+def _current_etag(uri: str) -> str | None:
+    bucket, key = split_uri(uri)
+    try:
+        return _etag(get_client().head_object(Bucket=bucket, Key=key).get("ETag"))
+    except botocore.exceptions.ClientError as err:
+        if _is_404(err):
+            return None
+        raise map_error(err, uri, "check") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise map_error(err, uri, "check") from err
+
+
+def put_conditional(uri: str, data: bytes, *, expected_version: str | None) -> str:
+    """PUT ``data`` only if the object is absent (``expected_version`` None: If-None-Match *)
+    or still at ``expected_version`` (If-Match). Returns the new ETag; raises
+    PreconditionFailedError when the condition does not hold."""
+    bucket, key = split_uri(uri)
+    if expected_version is None:
+        condition, failed = {"IfNoneMatch": "*"}, f"{uri} already exists"
+    else:
+        condition = {"IfMatch": f'"{expected_version}"'}
+        failed = f"{uri} is no longer at version {expected_version}: another writer changed it"
+    try:
+        response = get_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except botocore.exceptions.ClientError as err:
+        if _code(err) in _CONFLICT_CODES or (expected_version is not None and _is_404(err)):
+            raise PreconditionFailedError(failed) from err
+        raise map_error(err, uri, "write") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise map_error(err, uri, "write") from err
+    version = _etag(response.get("ETag"))
+    if _current_etag(uri) != version:
+        raise PreconditionFailedError(f"{uri} was replaced by a concurrent writer")
+    return version
+
+
+def delete_conditional(uri: str, expected_version: str) -> None:
+    """DELETE the object only while it is at ``expected_version`` (If-Match). A store that
+    answers NotImplemented gets a HEAD, a comparison and a plain DELETE instead (not
+    atomic: a write landing between the two is lost)."""
+    bucket, key = split_uri(uri)
+    client = get_client()
+    try:
+        client.delete_object(Bucket=bucket, Key=key, IfMatch=f'"{expected_version}"')
+        return
+    except botocore.exceptions.ClientError as err:
+        if _code(err) in _CONFLICT_CODES or _is_404(err):
+            raise PreconditionFailedError(f"{uri} is no longer at version {expected_version}") from err
+        if _code(err) != "NotImplemented":
+            raise map_error(err, uri, "delete") from err
+    except botocore.exceptions.BotoCoreError as err:
+        raise map_error(err, uri, "delete") from err
+    if _current_etag(uri) != expected_version:
+        raise PreconditionFailedError(f"{uri} is no longer at version {expected_version}")
+    delete(uri)
 
 
 def read_bytes(uri: str) -> bytes:
