@@ -1,16 +1,21 @@
 """Audio tracks resampled to mono float32, handed out one time segment at a time.
 
-A leaf of ``decode.py``: the two backends (PyAV streaming decode, chunked
-``torchaudio.load``) behind one ``AudioTrack`` interface. Failures raise
-``AudioError``; ``decode.py`` turns them into dead-letter errors naming the item.
+The two backends (PyAV streaming decode, chunked ``torchaudio.load``) behind one
+``AudioTrack`` interface. Inside the module failures raise ``AudioError``;
+``open_audio`` and ``take_audio`` (what ``decode.py`` calls) turn them into
+``DecodeError``s naming the item, for the dead-letter table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import av
 import numpy as np
+
+from xmodal_index.pipeline.decode_config import DecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -179,3 +184,46 @@ class TorchaudioAudio(AudioTrack):
         self._push(wave.mean(dim=0).float().numpy())
         self._eof = got < chunk
 
+
+_torchaudio_ok: bool | None = None
+
+
+def _torchaudio_importable() -> bool:
+    global _torchaudio_ok
+    if _torchaudio_ok is None:
+        try:
+            import torchaudio  # noqa: F401, PLC0415
+            _torchaudio_ok = True
+        except (ImportError, OSError):
+            _torchaudio_ok = False
+    return _torchaudio_ok
+
+
+@contextlib.contextmanager
+def open_audio(path: str, uri: str, stream_index: int, origin_s: float, rate: int,
+               backend: str) -> Iterator[AudioTrack]:
+    """The audio track of a file with the configured backend (``auto`` falls back to PyAV)."""
+    track: AudioTrack | None = None
+    if backend == "torchaudio" or (backend == "auto" and _torchaudio_importable()):
+        try:
+            track = TorchaudioAudio(path, uri, rate)
+        except AudioError as err:
+            if backend == "torchaudio":
+                raise DecodeError(str(err)) from err
+            logger.info("%s: torchaudio cannot read it; decoding audio with PyAV", uri)
+    if track is None:
+        try:
+            track = PyAVAudio(path, uri, stream_index, origin_s, rate)
+        except AudioError as err:
+            raise DecodeError(str(err)) from err
+    try:
+        yield track
+    finally:
+        track.close()
+
+
+def take_audio(audio: AudioTrack, start: float, end: float) -> np.ndarray:
+    try:
+        return audio.take(start, end)
+    except AudioError as err:
+        raise DecodeError(str(err)) from err

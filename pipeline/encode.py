@@ -49,6 +49,7 @@ def encode_segments(model: CrossModalEncoder, segments: Sequence[Segment], run_i
                 "model_id": model.model_id,
                 "run_id": run_id,
                 "text": seg.text,
+                "sampling": seg.sampling,
             }
     return rows  # type: ignore[return-value]
 

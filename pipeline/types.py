@@ -65,6 +65,7 @@ class Segment:
     end_s: float
     payload: Any
     text: str | None = None
+    sampling: str | None = None  # video rows: how frames were sampled (DecodeConfig.frame_mode, fast)
 
 
 @dataclasses.dataclass(frozen=True)

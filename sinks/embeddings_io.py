@@ -216,5 +216,6 @@ def rows_batch(
         pa.array([model_id] * n, pa.string()),
         pa.array([run_id] * n, pa.string()),
         pa.array(list(texts) if texts is not None else [None] * n, pa.string()),
+        pa.array([None] * n, pa.string()),  # sampling
     ]
     return pa.record_batch(columns, schema=schema)

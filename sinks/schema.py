@@ -54,6 +54,7 @@ def embedding_schema(dim: int, bits: int, float16: bool = False) -> pa.Schema:
             ("model_id", pa.string()),
             ("run_id", pa.string()),
             ("text", pa.string()),  # caption / sidecar text of text rows, else null
+            ("sampling", pa.string()),  # video rows: uniform | fast | keyframes | keyframes-nearest, else null
         ],
         metadata={b"dim": str(dim).encode(), b"bits": str(bits).encode()},
     )

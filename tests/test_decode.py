@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import media_factory as mf
-from xmodal_index.pipeline import decode
+from xmodal_index.pipeline import audio
 from xmodal_index.pipeline.decode import (DecodeConfig, DecodeError, LimitExceededError, ProbeError,
                                           UnsupportedMediaError, decode_item, frame_times, segment_bounds)
 from xmodal_index.pipeline.types import MediaItem
@@ -200,8 +200,8 @@ def test_audio_backend_torchaudio_reads_in_chunks(media, monkeypatch):
     fake.load = load
     fake.functional = types.SimpleNamespace(resample=resample)
     monkeypatch.setitem(sys.modules, "torchaudio", fake)
-    monkeypatch.setattr(decode, "_torchaudio_ok", True)
-    monkeypatch.setattr(decode._TorchaudioAudio, "CHUNK_S", 0.05)
+    monkeypatch.setattr(audio, "_torchaudio_ok", True)
+    monkeypatch.setattr(audio.TorchaudioAudio, "CHUNK_S", 0.05)
     (segment,) = decode_all(media["wav"], "audio", DecodeConfig(audio_backend="auto"))
     assert len(calls) > 2  # read in chunks, not at once
     assert segment.payload.dtype == np.float32 and segment.payload.shape == (8000,)
