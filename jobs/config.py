@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from typing import Any, Mapping
 
@@ -21,6 +22,15 @@ from xmodal_index.sinks.index.publish_gate import GateConfig
 
 class ConfigError(ValueError):
     """A config file or option is invalid; the message names the bad value."""
+
+
+_SELF = re.compile(r"\bself\.")
+
+
+def user_message(err: BaseException) -> str:
+    """A validation error as one line for a user: the field as the config file names it
+    (``max_error_fraction = 1.5``, never ``self.max_error_fraction``)."""
+    return _SELF.sub("", " ".join(str(err).split()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +48,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"run {self.max_error_fraction = } must be within [0, 1]")
+            raise ValueError(f"max_error_fraction = {self.max_error_fraction} must be within [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +68,7 @@ class RunConfig:
         try:
             new = dataclasses.replace(getattr(self, section), **changes)
         except (TypeError, ValueError) as err:
-            raise ConfigError(str(err)) from err
+            raise ConfigError(f"[{section}] {user_message(err)}") from err
         return dataclasses.replace(self, **{section: new})
 
 
@@ -89,7 +99,7 @@ def _build(section: str, values: Mapping[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"[{section}] {err}") from err
+        raise ConfigError(f"[{section}] {user_message(err)}") from err
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> RunConfig:
@@ -118,4 +128,7 @@ def load_config(path: str | None) -> RunConfig:
         data = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'TOML'}: {err}") from err
-    return config_from_mapping(data)
+    try:
+        return config_from_mapping(data)
+    except ConfigError as err:
+        raise ConfigError(f"config file {path!r}: {err}") from err

@@ -7,11 +7,13 @@ import datetime
 import logging
 import re
 import sys
+from typing import NoReturn
 
 import click
 
+from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
 from xmodal_index.jobs.config import ConfigError, load_config
-from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups
+from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups, printable
 from xmodal_index.jobs.run_job import (
     EXIT_ERROR,
     EXIT_LEASE_HELD,
@@ -25,6 +27,8 @@ from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
 from xmodal_index.sinks.storage import S3Config, configure_s3
 
 logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2  # bad command line, config file or Beam flag: nothing was done
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -71,6 +75,12 @@ def one_line(err: BaseException) -> str:
     if not text:
         return type(err).__name__
     return text if ":" in text.split(" ", 1)[0] else f"{type(err).__name__}: {text}"
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A bad config file, config value or Beam flag: one line, exit 2, nothing done."""
+    click.echo(f"xmodal-index run: error: {printable(message)}", err=True)
+    sys.exit(EXIT_USAGE)
 
 
 def _check_index_name(value: str) -> str:
@@ -176,8 +186,9 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     PipelineOptions untouched, e.g. `-- --direct_num_workers=4 --direct_running_mode=multi_processing`.
 
     Exit codes: 0 the run completed (bad inputs are dead-lettered, not fatal);
-    1 the run could not complete (bad config, unreachable storage, ...);
-    2 bad command-line usage;
+    1 the run started but could not complete (unreachable storage, lost lease, ...);
+    2 bad command line, config file (unknown key, bad value, broken TOML) or Beam
+    flag after `--`: one line names it, nothing was done;
     3 more than max_error_fraction of the inputs failed (no version published);
     4 another run holds the workdir lease (nothing done);
     5 the publish gate refused the new version (its recall or mAP regressed; it
@@ -190,10 +201,11 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
         if max_error_fraction is not None:
             cfg = cfg.replace("run", max_error_fraction=max_error_fraction)
     except ConfigError as err:
-        raise click.BadParameter(str(err), param_hint="--config" if config_path else None) from err
-    bad_args = [a for a in beam_args if not a.startswith("--")]
-    if bad_args:
-        raise click.BadParameter(f"Beam arguments must look like --name=value, got {bad_args[0]!r}", param_hint="BEAM_ARGS")
+        _usage_error(str(err))
+    try:
+        check_beam_args(beam_args)
+    except BeamArgsError as err:
+        _usage_error(f"after --: {err}")
     selection = _selection(prefix, since, until)
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     show = sys.stderr.isatty() if progress is None else progress
