@@ -127,7 +127,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise EncoderError("encoder device 'cuda' requested but torch.cuda.is_available() is False")
+        logger.warning("encoder device 'cuda' unavailable (torch.cuda.is_available() is False): encoding on the CPU")
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -137,9 +138,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "auto":
         if device.type != "cuda":
-            return None
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) and torch's kernels use it:
+    there bf16 autocast is 2-3.5x faster than fp32 for the built-in CNNs; elsewhere it is emulated
+    and slower, so ``precision = "auto"`` stays fp32."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class BuiltinEncoder:
