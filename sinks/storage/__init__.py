@@ -46,7 +46,7 @@ from xmodal_index.sinks.storage.conditional import (
 )
 from xmodal_index.sinks.storage.uri import filesystem_path as _local
 from xmodal_index.sinks.storage.uri import is_s3, join, normalize_uri
-from xmodal_index.sinks.storage.s3 import (  # noqa: F401 - re-exported: part of the storage API
+from xmodal_index.sinks.storage.s3 import (
     AccessDeniedError,
     BucketNotFoundError,
     CredentialsError,
@@ -278,3 +278,38 @@ def delete(uri: str) -> None:
         pass
     except OSError as err:
         raise StorageError(f"cannot delete {uri!r}: {err.strerror}") from err
+
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
+    "CredentialsError",
+    "EndpointUnreachableError",
+    "ObjectChangedError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "PreconditionFailedError",
+    "S3Config",
+    "S3ServiceError",
+    "StorageError",
+    "active_config",
+    "beam_s3_options",
+    "configure_s3",
+    "create_if_absent",
+    "delete",
+    "delete_if_match",
+    "exists",
+    "is_s3",
+    "join",
+    "list_objects",
+    "local_path",
+    "normalize_uri",
+    "open_read",
+    "put_file",
+    "read_bytes",
+    "read_versioned",
+    "replace_if_match",
+    "s3",
+    "stat",
+    "write_bytes",
+]
