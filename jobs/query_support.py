@@ -4,8 +4,8 @@ A request is JSON (``{"text": ..., "k": ..., "modality": [...]}``) or
 multipart/form-data with one field among text/audio/image/video (media as file
 uploads) plus optional ``k`` and ``modality`` fields. Bad requests raise
 :class:`RequestError` carrying the HTTP status and a one-line message. Decoding,
-encoding and hit fields reuse the ``query`` command's functions, so both front
-ends answer alike.
+encoding, searching, fusing several streams and hit fields are the query core's
+(``xmodal_index.query``), so the CLI, the Python API and the service answer alike.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.jobs.query_cmd import QUERY_KEYS, QueryError, decode_query_media, hit_json, load_query_encoder
+from xmodal_index.query.core import QueryIndex
+from xmodal_index.query.encoder import load_query_encoder
+from xmodal_index.query.errors import BadQueryError, QueryError
+from xmodal_index.query.hits import hit_json  # noqa: F401 - re-exported for the service
+from xmodal_index.query.media import decode_query_media
+from xmodal_index.query.request import QUERY_KEYS, Query, check_text
 from xmodal_index.sinks.serving.hot_swap import Served
 from xmodal_index.sinks.serving.loader import IndexVersion
 from xmodal_index.sinks.schema import MODALITIES
@@ -86,9 +91,7 @@ def parse_json_request(body: bytes, *, max_k: int, default_k: int = DEFAULT_K) -
         raise RequestError(400, f"unknown keys {unknown}: a JSON query takes {', '.join(JSON_KEYS)}")
     if "text" not in data:
         raise RequestError(400, f"the query needs exactly one of {', '.join(QUERY_KEYS)}; got none")
-    text = data["text"]
-    if not isinstance(text, str) or not text.strip():
-        raise RequestError(400, "text must be a non-empty string")
+    text = _check_text(data["text"])
     return QueryRequest(modality="text", text=text, k=_parse_k(data.get("k"), max_k, default_k),
                         search=_parse_modalities(data.get("modality")))
 
@@ -110,14 +113,20 @@ def parse_multipart_request(body: bytes, content_type: str, *, max_k: int,
     k = _parse_k(_form_text(fields, "k"), max_k, default_k)
     search = _parse_modalities(_form_text(fields, "modality"))
     if modality == "text":
-        text = _form_text(fields, "text") or ""
-        if not text.strip():
-            raise RequestError(400, "text must be a non-empty string")
+        text = _check_text(_form_text(fields, "text") or "")
         return QueryRequest(modality="text", text=text, k=k, search=search)
     content, filename = fields[modality]
     if not content:
         raise RequestError(400, f"the uploaded {modality} {filename or modality!r} is empty")
     return QueryRequest(modality=modality, data=content, filename=filename or modality, k=k, search=search)
+
+
+def _check_text(text: Any) -> str:
+    """The core's rule for text queries (the CLI and the API apply the same one)."""
+    try:
+        return check_text(text)
+    except BadQueryError as err:
+        raise RequestError(400, str(err)) from err
 
 
 def _form_text(fields: dict[str, tuple[bytes, str]], name: str) -> str | None:
@@ -212,11 +221,16 @@ def run_query(request: QueryRequest, served: Served) -> dict[str, Any]:
     if request.modality not in encoder.modalities:
         raise RequestError(422, f"the encoder of {served.version} cannot embed {request.modality} queries "
                                 f"(it takes {', '.join(encoder.modalities)})")
-    payload = request.text if request.modality == "text" else _decode_upload(request)
-    vec = encoder.encode(request.modality, [payload]).embeddings
-    hits = served.index.search(np.ascontiguousarray(vec, dtype=np.float32), request.k,
-                               modalities=list(request.search) if request.search else None)[0]
-    return {"version": served.version, "hits": [hit_json(h) for h in hits]}
+    core = QueryIndex(served.index, encoder)
+    if request.modality == "text":
+        query = Query("text", request.text)
+        hits = core.run(query, k=request.k, modalities=request.search)
+    else:
+        # The upload is decoded here; the core searches its embedding.
+        vec = encoder.encode(request.modality, [_decode_upload(request)]).embeddings
+        hits = core.run(Query("embedding", np.asarray(vec[0], dtype=np.float32)), k=request.k,
+                        modalities=request.search)
+    return {"version": served.version, "hits": [h.to_json() for h in hits]}
 
 
 def _decode_upload(request: QueryRequest) -> Any:

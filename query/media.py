@@ -28,6 +28,8 @@ class QuerySegmenting:
 
     segment_s: float = DEFAULT_SEGMENT_S  # length of the fixed time segments, seconds
     frame_rate_hz: float = DEFAULT_FRAME_RATE_HZ  # video frames sampled per second
+    # Other settings of the run's decode section (frame_size, frame sampling mode, ...).
+    run_decode: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("segment_s", "frame_rate_hz"):
@@ -40,9 +42,22 @@ class QuerySegmenting:
     def from_run(cls, decode: dict[str, Any]) -> "QuerySegmenting":
         try:
             return cls(segment_s=float(decode.get("segment_s", DEFAULT_SEGMENT_S)),
-                       frame_rate_hz=float(decode.get("frame_rate_hz", DEFAULT_FRAME_RATE_HZ)))
+                       frame_rate_hz=float(decode.get("frame_rate_hz", DEFAULT_FRAME_RATE_HZ)),
+                       run_decode=tuple(sorted((k, v) for k, v in decode.items()
+                                               if isinstance(v, (str, int, float, bool)))))
         except (TypeError, ValueError, BadQueryError):
             return cls()
+
+    def decode_config(self) -> Any:
+        """The ``DecodeConfig`` a query file is decoded with: the run's, where it still validates."""
+        from xmodal_index.pipeline.decode import DecodeConfig
+
+        names = {f.name for f in dataclasses.fields(DecodeConfig)}
+        kept = {k: v for k, v in self.run_decode if k in names and k not in ("segment_s", "frame_rate_hz")}
+        try:
+            return DecodeConfig(segment_s=self.segment_s, frame_rate_hz=self.frame_rate_hz, **kept)
+        except (TypeError, ValueError):
+            return DecodeConfig(segment_s=self.segment_s, frame_rate_hz=self.frame_rate_hz)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +87,7 @@ def check_range(modality: str, start_s: float | None, end_s: float | None) -> tu
 
 
 def _decoded(modality: str, path: str, segmenting: QuerySegmenting) -> Iterator[Any]:
-    from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, decode_item
+    from xmodal_index.pipeline.decode import DecodeError, decode_item
     from xmodal_index.pipeline.types import MediaItem
 
     if not isinstance(path, str) or not path:
@@ -81,7 +96,7 @@ def _decoded(modality: str, path: str, segmenting: QuerySegmenting) -> Iterator[
         raise BadQueryError(f"{modality} file {path!r} does not exist")
     st = os.stat(path)
     item = MediaItem(uri=os.path.abspath(path), kind=modality, size=st.st_size, mtime=st.st_mtime, etag="query")
-    cfg = DecodeConfig(segment_s=segmenting.segment_s, frame_rate_hz=segmenting.frame_rate_hz)
+    cfg = segmenting.decode_config()
     try:
         for seg in decode_item(item, cfg):
             if seg.modality == modality:
