@@ -16,6 +16,7 @@ import click
 QUERY_KEYS = ("text", "audio", "image", "video")
 EXIT_ERROR = 1
 FUSIONS = ("rrf", "zscore", "score")  # xmodal_index.query.fusion.FUSIONS (kept here: --help imports nothing heavy)
+DEFAULT_CANDIDATES = 100  # xmodal_index.sinks.serving.loader.DEFAULT_CANDIDATES (kept here: --help imports nothing heavy)
 SEGMENT_MODES = ("per-segment", "fused")
 ON_ERROR = ("skip", "stop")
 
@@ -105,7 +106,7 @@ def _fail(message: str) -> None:
 @click.option("--two-stage", is_flag=True,
               help="Hamming prefilter on the hash codes, then exact float re-rank (default: float ANN search).")
 @click.option("--candidates", type=click.IntRange(1, 1_000_000), default=None,
-              help="With --two-stage: Hamming candidates per shard to re-rank (default: max(k, the loader's default)).")
+              help=f"With --two-stage: Hamming candidates per shard to re-rank (default: max(k, {DEFAULT_CANDIDATES})).")
 def query(index_uri, index_name, version, text, audio, image, video, embedding, queries, start_s, end_s, segments,
           k, modality, per_modality, fusion, on_error, as_json, two_stage, candidates):
     """Find the moments matching a query in every modality of a published index."""
