@@ -10,7 +10,8 @@ import threading
 import click
 
 from xmodal_index.jobs.query_cmd import resolve_index_root
-from xmodal_index.jobs.query_support import prepare_encoder
+from xmodal_index.jobs.serve_encoder import prepare_serving_encoder
+from xmodal_index.jobs.serve_media import MediaQueryConfig
 from xmodal_index.jobs.server import MiB, QueryServer, ServerConfig
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
@@ -18,7 +19,8 @@ from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
-_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_cmd", "xmodal_index.sinks.serving.hot_swap")
+_SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_http", "xmodal_index.jobs.serve_media",
+                    "xmodal_index.jobs.serve_cmd", "xmodal_index.sinks.serving.hot_swap")
 
 
 @click.command(context_settings={"show_default": True})
@@ -39,35 +41,54 @@ _SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_cmd", "
 @click.option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0,
               help="Seconds one request may take, from its first byte to its answer: a body still arriving "
                    "then gets 408, a query still running 504.")
+@click.option("--header-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              help="Seconds a client has to send a request line and its headers (and that a kept-alive "
+                   "connection may stay idle); then the connection is closed.")
 @click.option("--threads", type=click.IntRange(min=1), default=4,
-              help="Worker threads running queries at the same time.")
+              help="Worker threads encoding and searching queries at the same time.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64,
+              help="Open connections at most (each holds a thread); more are answered 503 and closed.")
+@click.option("--media-workers", type=click.IntRange(min=1), default=2,
+              help="Decode worker processes: uploads decoded at the same time.")
+@click.option("--media-queue", type=click.IntRange(min=0), default=4,
+              help="Media queries that may wait for a decode worker; more get 503 with Retry-After.")
+@click.option("--media-max-duration-s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              help="Longest audio or video query in seconds (declared or decoded); longer uploads get 422.")
+@click.option("--media-memory-mb", type=click.IntRange(min=512), default=1536,
+              help="Address-space limit of one decode worker in MiB; an upload that needs more gets 400.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where versions of a remote (s3://) index are fetched (default: $XMODAL_INDEX_CACHE or "
                    "~/.cache/xmodal-index).")
-def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_k, request_timeout_s, threads, cache_dir):
-    """Serve GET /healthz and POST /query over HTTP, hot-swapping to each new LATEST version.
+def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_k, request_timeout_s, header_timeout_s, threads,
+          max_connections, media_workers, media_queue, media_max_duration_s, media_memory_mb, cache_dir):
+    """Serve queries over HTTP, hot-swapping to each new LATEST version.
 
-    POST /query takes JSON {"text": ..., "k": ..., "modality": [...]} or multipart/form-data
-    with one file field named audio, image or video (and optional k and modality fields);
-    it answers {"version": ..., "hits": [{uri, modality, start_s, end_s, score, segment_id, text}]}.
+    POST /query takes JSON {"text": ..., "k": ..., "modality": [...]} or {"embedding": [...], ...},
+    or multipart/form-data with one file field named audio, image or video (and optional k and
+    modality fields); it answers {"version": ..., "hits": [{uri, modality, start_s, end_s, score,
+    segment_id, text}]}. GET /healthz, /versions, /metrics (Prometheus) and /openapi.json describe
+    the service. Uploads are decoded in isolated worker processes under the limits above.
     """
     for name in _SERVICE_LOGGERS:  # access lines and swaps are this command's output
         log = logging.getLogger(name)
         log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
     try:
+        media = MediaQueryConfig(workers=media_workers, queue=media_queue, max_duration_s=media_max_duration_s,
+                                 memory_mb=media_memory_mb)
         server_config = ServerConfig(host=host, port=port, max_body_bytes=max_body_bytes, max_k=max_k,
-                                     request_timeout_s=request_timeout_s, threads=threads)
+                                     request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
+                                     threads=threads, max_connections=max_connections, media=media)
         swap_config = HotSwapConfig(poll_s=poll_s, version=version, cache_dir=cache_dir)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    handle = IndexHandle(resolve_index_root(index_uri), swap_config, prepare=prepare_encoder)
     try:
+        handle = IndexHandle(resolve_index_root(index_uri), swap_config, prepare=prepare_serving_encoder)
         handle.start()
     except SinkError as err:
-        click.echo(f"xmodal-index serve: error: {err}", err=True)
+        click.echo(f"xmodal-index serve: error: {err}".splitlines()[0], err=True)
         sys.exit(EXIT_ERROR)
-    except Exception as err:  # noqa: BLE001 - an unreadable pinned version ends in one line
-        click.echo(f"xmodal-index serve: error: {type(err).__name__}: {err}", err=True)
+    except Exception as err:  # noqa: BLE001 - an unreachable store or an unreadable pinned version: one line
+        click.echo(f"xmodal-index serve: error: {type(err).__name__}: {err}".splitlines()[0], err=True)
         sys.exit(EXIT_ERROR)
     try:
         server = QueryServer(handle, server_config)

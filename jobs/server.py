@@ -1,54 +1,77 @@
 """The HTTP query service behind `xmodal-index serve` (standard library http.server).
 
 Routes:
-  GET  /healthz  200 {"status": "ok", "version", "model_id", "ntotal", "loaded_at", ...}
-                 503 {"status": "unavailable", "error"} while no version can be served
-  POST /query    200 {"version", "hits": [{uri, modality, start_s, end_s, score, segment_id, text}]}
+  GET  /healthz       200 {"status": "ok", "version", "model_id", "ntotal", "loaded_at", ...}
+                      503 {"status": "unavailable", "error"} while no version can be served
+  POST /query         200 {"version", "hits": [{uri, modality, start_s, end_s, score, segment_id, text}]}
+                      JSON {"text" | "embedding", "k", "modality"} or a multipart upload of audio/image/video
+  GET  /versions      200 {"index", "current", "latest", "pinned", "versions": [{version, current, latest, ...}]}
+  GET  /metrics       Prometheus text format (see serve_metrics)
+  GET  /openapi.json  the OpenAPI 3 document of these routes (see serve_openapi)
 
-Every error is JSON {"error": "<one line>"}: 400 malformed request, 404 unknown path,
-405 wrong method, 408 body not received in time, 411 no Content-Length, 413 body
-over the limit, 415 unsupported Content-Type, 422 k or modality out of range, 503 no
-servable version, 504 query over its time budget. Connections are handled by one
-thread each; queries run on a bounded pool of worker threads, and each worker holds
-the version it searches until it is done, so a hot swap never cuts a query short.
+Every error is JSON {"error": "<one line>"}: 400 malformed request (bad JSON, JSON
+nested deeper than max_json_depth, an embedding of the wrong dim or not finite, an
+undecodable upload), 404 unknown path, 405 wrong method, 408 body not received in
+time, 411 no Content-Length, 413 body over the limit, 415 unsupported Content-Type,
+422 k or modality out of range or media over its limits, 503 no servable version,
+media decode workers and their queue full, or connections at max_connections (with
+Retry-After), 504 query over its time budget.
+
+Limits, all in ServerConfig: connections (each holds a thread) are capped; slow
+request lines and headers are cut at header_timeout_s; bodies at max_body_bytes and
+request_timeout_s. Uploads decode in isolated worker processes (serve_media), a
+bounded number at a time, killed when their request runs out of time. Encoding and
+searching run on a bounded pool of worker threads, and each worker holds the version
+it searches until it is done, so a hot swap never cuts a query short.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import http
-import http.server
 import json
 import logging
 import math
-import socket
 import threading
 import time
-import urllib.parse
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from xmodal_index.jobs.query_support import QueryRequest, RequestError, parse_request, run_query
+import numpy as np
+
+from xmodal_index.jobs.query_cmd import hit_json
+from xmodal_index.jobs.query_support import QueryRequest, RequestError
+from xmodal_index.jobs.serve_http import HTTPServer, HTTPServer6, Handler
+from xmodal_index.jobs.serve_media import (MEDIA_MODALITIES, MediaBusyError, MediaDecoders, MediaQueryConfig,
+                                           MediaQueryError)
+from xmodal_index.jobs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from xmodal_index.jobs.serve_metrics import ServeMetrics
+from xmodal_index.jobs.serve_request import EmbeddingRequest, embedding_vector, parse_request
+from xmodal_index.pipeline.decode import DecodeConfig, decode_item
+from xmodal_index.pipeline.types import MediaItem, Segment
+from xmodal_index.sinks.errors import SinkError
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionError
 
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-_LINGER_S = 2.0  # how long an early-closed connection keeps reading what the client still sends
-_LINGER_MAX_BYTES = 64 * MiB
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """Where the service listens and how much one request may ask of it."""
+    """Where the service listens and how much one request, or all of them, may ask of it."""
 
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port
     max_body_bytes: int = 32 * MiB
     max_k: int = 1000
     default_k: int = 10
-    request_timeout_s: float = 30.0
-    threads: int = 4
+    request_timeout_s: float = 30.0  # first byte of a request to its answer
+    header_timeout_s: float = 10.0  # request line and headers (and keep-alive idle time)
+    threads: int = 4  # encode + search workers
+    max_connections: int = 64  # open connections (each holds a thread); more get 503
+    max_json_depth: int = 32  # nesting of a JSON body
+    media: MediaQueryConfig = MediaQueryConfig()
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -61,23 +84,37 @@ class ServerConfig:
             raise ValueError(f"{self.max_k = } must be >= 1")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"{self.default_k = } must be in [1, max_k={self.max_k}]")
-        if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
-            raise ValueError(f"{self.request_timeout_s = } must be a finite number of seconds > 0")
+        for name in ("request_timeout_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} = {value!r} must be a finite number of seconds > 0")
         if self.threads < 1:
             raise ValueError(f"{self.threads = } must be >= 1")
+        if self.max_connections < 1:
+            raise ValueError(f"{self.max_connections = } must be >= 1")
+        if self.max_json_depth < 2:
+            raise ValueError(f"{self.max_json_depth = } must be >= 2 (a query object holds a list)")
 
 
 class QueryServer:
-    """An HTTP server answering /healthz and /query over an IndexHandle."""
+    """An HTTP server answering the routes above over an IndexHandle."""
 
-    def __init__(self, handle: IndexHandle, config: ServerConfig | None = None) -> None:
+    ROUTES = {"/healthz": "GET", "/query": "POST", "/versions": "GET", "/metrics": "GET", "/openapi.json": "GET"}
+
+    def __init__(self, handle: IndexHandle, config: ServerConfig | None = None, *,
+                 decode_fn: Callable[[MediaItem, DecodeConfig], Iterable[Segment]] = decode_item) -> None:
         self.handle = handle
         self.config = config or ServerConfig()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.threads,
                                                               thread_name_prefix="query")
-        server_class = _HTTPServer6 if ":" in self.config.host else _HTTPServer
-        self._httpd = server_class((self.config.host, self.config.port), _Handler)
+        self.media = MediaDecoders(self.config.media, max_bytes=self.config.max_body_bytes,
+                                   timeout_s=self.config.request_timeout_s, decode_fn=decode_fn)
+        server_class = HTTPServer6 if ":" in self.config.host else HTTPServer
+        self._httpd = server_class((self.config.host, self.config.port), Handler)
         self._httpd.app = self
+        self.metrics = ServeMetrics(self.ROUTES, handle.status, lambda: self._httpd.connections,
+                                    lambda: (self.media.in_flight, self.media.rejected, self.media.killed))
+        self._openapi: bytes | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -92,6 +129,7 @@ class QueryServer:
     def start(self) -> "QueryServer":
         """Serve from a background thread (returns at once); stop with shutdown()."""
         if self._thread is None:
+            self.media.start()
             self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
                                             name="http-server", daemon=True)
             self._thread.start()
@@ -105,6 +143,7 @@ class QueryServer:
             self._thread = None
         self._httpd.server_close()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self.media.close()
 
     def __enter__(self) -> "QueryServer":
         return self.start()
@@ -112,7 +151,19 @@ class QueryServer:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    # ------------------------------------------------------------ endpoints
+    # ------------------------------------------------------------ GET endpoints
+
+    def get(self, path: str) -> tuple[int, Any]:
+        if path == "/healthz":
+            return self.health()
+        if path == "/versions":
+            return self.versions()
+        if path == "/metrics":
+            return 200, self.metrics.render()
+        return 200, self.openapi()
+
+    def content_type(self, path: str) -> str:
+        return METRICS_CONTENT_TYPE if path == "/metrics" else "application/json"
 
     def health(self) -> tuple[int, dict[str, Any]]:
         st = self.handle.status()
@@ -126,197 +177,77 @@ class QueryServer:
         return 200, {"status": "ok", "version": st.version, "model_id": st.model_id, "ntotal": st.ntotal,
                      "modalities": list(st.modalities), "loaded_at": st.loaded_at, **body}
 
-    def query(self, body: bytes, content_type: str, started: float) -> tuple[int, dict[str, Any]]:
-        request = parse_request(body, content_type, max_k=self.config.max_k, default_k=self.config.default_k)
-        future = self._workers.submit(self._run, request)
-        remaining = self.config.request_timeout_s - (time.monotonic() - started)
+    def versions(self) -> tuple[int, dict[str, Any]]:
+        """The complete versions of the served index, the served one marked ``current``."""
+        st = self.handle.status()
         try:
-            return 200, future.result(timeout=max(remaining, 0.0))
+            names = mf.list_versions(st.index_root)
+            latest = mf.read_latest(st.index_root)
+        except SinkError as err:
+            raise RequestError(503, f"cannot list the versions of {st.index_root}: {err}".splitlines()[0]) from err
+        entries = []
+        for name in names:
+            entry: dict[str, Any] = {"version": name, "current": name == st.version, "latest": name == latest}
+            if name in st.refused:
+                entry["refused"] = st.refused[name]
+            entries.append(entry)
+        return 200, {"index": st.index_root, "current": st.version, "latest": latest, "pinned": st.pinned,
+                     "versions": entries}
+
+    def openapi(self) -> bytes:
+        if self._openapi is None:
+            from xmodal_index.jobs.serve_openapi import openapi_document
+
+            self._openapi = json.dumps(openapi_document(self.config)).encode()
+        return self._openapi
+
+    # ------------------------------------------------------------ POST /query
+
+    def query(self, body: bytes, content_type: str, started: float) -> tuple[int, dict[str, Any]]:
+        cfg = self.config
+        request = parse_request(body, content_type, max_k=cfg.max_k, default_k=cfg.default_k,
+                                max_json_depth=cfg.max_json_depth)
+        deadline = started + cfg.request_timeout_s
+        payload = None
+        if isinstance(request, QueryRequest) and request.modality in MEDIA_MODALITIES:
+            self._check_encodable(request.modality)
+            try:
+                payload = self.media.decode(request.modality, request.data or b"", request.filename, deadline)
+            except MediaBusyError:
+                raise
+            except MediaQueryError as err:
+                raise RequestError(err.status, str(err)) from err
+        future = self._workers.submit(self._run, request, payload)
+        try:
+            return 200, future.result(timeout=max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError as err:
             future.cancel()  # still queued: never runs; already running: finishes, its answer is dropped
             raise RequestError(504, f"the query took longer than request_timeout_s="
-                                    f"{self.config.request_timeout_s:g}") from err
+                                    f"{cfg.request_timeout_s:g}") from err
 
-    def _run(self, request: QueryRequest) -> dict[str, Any]:
+    def _check_encodable(self, modality: str) -> None:
+        """Refuse a media query the served encoder cannot embed before spending a decode worker on it."""
+        served = self.handle.current
+        encoder = served.extra if served is not None else None
+        if encoder is not None and modality not in encoder.modalities:
+            raise RequestError(422, f"the encoder of {served.version} cannot embed {modality} queries "
+                                    f"(it takes {', '.join(encoder.modalities)})")
+
+    def _run(self, request: QueryRequest | EmbeddingRequest, payload: Any) -> dict[str, Any]:
         try:
             with self.handle.acquire() as served:
-                return run_query(request, served)
+                if isinstance(request, EmbeddingRequest):
+                    vec = embedding_vector(request, served.manifest.dim, served.version)
+                else:
+                    encoder = served.extra
+                    if request.modality not in encoder.modalities:
+                        raise RequestError(422, f"the encoder of {served.version} cannot embed {request.modality} "
+                                                f"queries (it takes {', '.join(encoder.modalities)})")
+                    value = request.text if request.modality == "text" else payload
+                    vec = np.ascontiguousarray(encoder.encode(request.modality, [value]).embeddings,
+                                               dtype=np.float32)
+                hits = served.index.search(vec, request.k,
+                                           modalities=list(request.search) if request.search else None)[0]
+                return {"version": served.version, "hits": [hit_json(h) for h in hits]}
         except NoServableVersionError as err:
             raise RequestError(503, str(err)) from err
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    app: QueryServer
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "xmodal-index"
-
-    _ROUTES = {"/healthz": "GET", "/query": "POST"}
-
-    def setup(self) -> None:
-        self.timeout = self.server.app.config.request_timeout_s  # socket reads: idle and slow clients
-        self._started = time.monotonic()
-        self._linger = False
-        self._extra_headers: dict[str, str] = {}
-        super().setup()
-
-    def finish(self) -> None:
-        super().finish()
-        if self._linger:
-            self._drain()
-
-    def _drain(self) -> None:
-        """Read what the client still sends after an early answer, so closing does not reset
-        the connection before the client has read that answer (a lingering close)."""
-        deadline = time.monotonic() + _LINGER_S
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_LINGER_S)
-            drained = 0
-            while drained < _LINGER_MAX_BYTES and time.monotonic() < deadline:
-                chunk = self.connection.recv(1 << 16)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass
-
-    def handle_expect_100(self) -> bool:
-        """Refuse an announced oversized body before the client sends it."""
-        limit = self.server.app.config.max_body_bytes
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = 0
-        if length > limit:
-            self._close_unread()
-            self._send_json(413, {"error": f"the body has {length} bytes, over max_body_bytes={limit}"})
-            return False
-        return super().handle_expect_100()
-
-    def parse_request(self) -> bool:
-        self._started = time.monotonic()
-        return super().parse_request()
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def _dispatch(self, method: str) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        app = self.server.app
-        try:
-            allowed = self._ROUTES.get(path)
-            if allowed is None:
-                raise RequestError(404, f"no such path {path!r}: use GET /healthz or POST /query")
-            if method != allowed:
-                self._close_unread()
-                raise RequestError(405, f"{path} takes {allowed}, not {method}")
-            if path == "/healthz":
-                status, body = app.health()
-            else:
-                status, body = app.query(self._read_body(), self.headers.get("Content-Type", ""), self._started)
-        except RequestError as err:
-            status, body = err.status, {"error": str(err)}
-            if err.status == 405:
-                self._extra_headers = {"Allow": self._ROUTES[path]}
-        except Exception as err:  # noqa: BLE001 - one broken request must not take the server down
-            logger.exception("%s %s failed", method, self.path)
-            status, body = 500, {"error": f"internal error: {type(err).__name__}: {err}".splitlines()[0]}
-        self._send_json(status, body)
-
-    def _read_body(self) -> bytes:
-        limit = self.server.app.config.max_body_bytes
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._close_unread()
-            raise RequestError(411, "chunked bodies are not accepted: send a Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            self._close_unread()
-            raise RequestError(411, "POST /query needs a Content-Length header")
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError(raw)
-        except ValueError as err:
-            self._close_unread()
-            raise RequestError(400, f"Content-Length {raw!r} is not a byte count") from err
-        if length > limit:
-            self._close_unread()
-            raise RequestError(413, f"the body has {length} bytes, over max_body_bytes={limit}")
-        return self._read_exactly(length)
-
-    def _read_exactly(self, length: int) -> bytes:
-        """The body, read within what is left of the request's time budget (408 otherwise)."""
-        budget_s = self.server.app.config.request_timeout_s
-        deadline = self._started + budget_s
-        chunks, got = [], 0
-        try:
-            while got < length:
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise TimeoutError
-                self.connection.settimeout(left_s)
-                chunk = self.rfile.read1(min(length - got, 1 << 20))
-                if not chunk:
-                    self.close_connection = True
-                    raise RequestError(400, f"the body ended after {got} of {length} bytes")
-                chunks.append(chunk)
-                got += len(chunk)
-        except TimeoutError as err:
-            self._close_unread()
-            raise RequestError(408, f"the body was not received within request_timeout_s={budget_s:g}") from err
-        finally:
-            self.connection.settimeout(budget_s)
-        return b"".join(chunks)
-
-    def _close_unread(self) -> None:
-        """The body (if any) stays unread: answer, then close the connection."""
-        self.close_connection = True
-        self._linger = self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
-
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = (json.dumps(body) + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in self._extra_headers.items():
-            self.send_header(name, value)
-        self._extra_headers = {}
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-        ms = (time.monotonic() - self._started) * 1000.0
-        logger.info("%s %s %d %.1f ms", self.command or "-", getattr(self, "path", "") or "-", status, ms)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unknown method): JSON like the rest."""
-        self.close_connection = True
-        self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Access lines are written by _send_json, with the time taken."""
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        logger.debug("%s " + format, self.address_string(), *args)

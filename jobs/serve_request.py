@@ -1,0 +1,116 @@
+"""Request bodies of `serve`'s POST /query: JSON (text or raw embedding) and multipart uploads.
+
+JSON bodies are checked for nesting depth before they are parsed (a deeply nested
+body is a 400, never a RecursionError), then take exactly one of ``text`` or
+``embedding`` plus optional ``k`` and ``modality``. A raw embedding is a list of
+finite numbers; its length is checked against the served version's ``dim`` when
+the query runs (:func:`embedding_vector`). Multipart uploads are parsed by
+``query_support``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from xmodal_index.jobs.query_support import (QUERY_KEYS, QueryRequest, RequestError, _parse_k, _parse_modalities,
+                                             parse_multipart_request)
+
+JSON_KEYS = ("text", "embedding", "k", "modality")
+MAX_EMBEDDING_VALUES = 1 << 16
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRequest:
+    """A query given as a vector of the index's space."""
+
+    embedding: tuple[float, ...]
+    k: int
+    search: tuple[str, ...] | None
+    modality: str = "embedding"
+
+
+def parse_request(body: bytes, content_type: str, *, max_k: int, default_k: int,
+                  max_json_depth: int) -> QueryRequest | EmbeddingRequest:
+    """Dispatch on the Content-Type: application/json or multipart/form-data (415 otherwise)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json":
+        return parse_json_request(body, max_k=max_k, default_k=default_k, max_json_depth=max_json_depth)
+    if media_type == "multipart/form-data":
+        return parse_multipart_request(body, content_type, max_k=max_k, default_k=default_k)
+    raise RequestError(415, f"Content-Type {media_type or '(none)'!r} is not supported: "
+                            "send application/json or multipart/form-data")
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings ignored)."""
+    bare = np.frombuffer(_STRING.sub(b"", body), dtype=np.uint8)
+    steps = np.isin(bare, _OPEN).astype(np.int32) - np.isin(bare, _CLOSE).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def parse_json_request(body: bytes, *, max_k: int, default_k: int,
+                       max_json_depth: int) -> QueryRequest | EmbeddingRequest:
+    depth = json_depth(body)
+    if depth > max_json_depth:
+        raise RequestError(400, f"the JSON body nests {depth} levels deep, over max_json_depth={max_json_depth}")
+    try:
+        data = json.loads(body)
+    except RecursionError as err:
+        raise RequestError(400, "the JSON body nests too deeply") from err
+    except (UnicodeDecodeError, ValueError) as err:
+        raise RequestError(400, f"the body is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the body must be a JSON object, not {type(data).__name__}")
+    media = [key for key in QUERY_KEYS if key != "text" and key in data]
+    if media:
+        raise RequestError(400, f"{media[0]} queries are file uploads: send multipart/form-data with a file "
+                                f"field named {media[0]!r}")
+    unknown = sorted(set(data) - set(JSON_KEYS))
+    if unknown:
+        raise RequestError(400, f"unknown keys {unknown}: a JSON query takes {', '.join(JSON_KEYS)}")
+    given = [key for key in ("text", "embedding") if key in data]
+    if len(given) != 1:
+        raise RequestError(400, f"the query needs exactly one of text, embedding (or a multipart upload of "
+                                f"audio, image, video); got {', '.join(given) or 'none'}")
+    k = _parse_k(data.get("k"), max_k, default_k)
+    search = _parse_modalities(data.get("modality"))
+    if given[0] == "embedding":
+        return EmbeddingRequest(embedding=_parse_embedding(data["embedding"]), k=k, search=search)
+    text = data["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(400, "text must be a non-empty string")
+    return QueryRequest(modality="text", text=text, k=k, search=search)
+
+
+def _parse_embedding(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, "embedding must be a non-empty list of numbers")
+    if len(value) > MAX_EMBEDDING_VALUES:
+        raise RequestError(400, f"embedding has {len(value)} values, over {MAX_EMBEDDING_VALUES}")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise RequestError(400, f"embedding[{i}] = {json.dumps(x)[:40]} is not a number")
+        if not math.isfinite(x) or abs(x) > 3.4e38:
+            raise RequestError(400, f"embedding[{i}] = {x!r} is not a finite float32 number")
+    return tuple(float(x) for x in value)
+
+
+def embedding_vector(request: EmbeddingRequest, dim: int, version: str) -> np.ndarray:
+    """The request's embedding as a (1, dim) L2-normalised float32 query, checked against ``dim``."""
+    if len(request.embedding) != dim:
+        raise RequestError(400, f"embedding has {len(request.embedding)} values; the served version {version} "
+                                f"has dim {dim}")
+    vec = np.asarray(request.embedding, dtype=np.float64)
+    norm = float(np.linalg.norm(vec))
+    if not (norm > 0 and math.isfinite(norm)):
+        raise RequestError(400, "embedding has no direction (its norm is 0): give a non-zero vector")
+    return np.ascontiguousarray((vec / norm)[None, :], dtype=np.float32)
