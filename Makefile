@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SAMPLE ?= sample-archive
 WORK   ?= sample-work
 
-.PHONY: setup demo test test-all bench clean-sample
+.PHONY: setup demo test test-all bench clean-sample chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,16 @@ demo: setup
 	$(VENV)/bin/xmodal-index run --source $(SAMPLE) --workdir $(WORK) --config examples/sample.toml
 	$(VENV)/bin/xmodal-index query --index $(WORK)/indexes/main --queries examples/sample_queries.jsonl -k 5
 
+# Debian's chromium for the run report's browser test: installed as root where apt-get exists
+# (the test is skipped, with the reason, where it is missing).
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "chromium could not be installed: the report's browser test will be skipped"; \
+	fi
+
 # The test suite CI runs (slow and gpu tests excluded).
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q
 
 test-all: setup

@@ -86,6 +86,7 @@ def _register() -> None:
         ("xmodal_index.jobs.versions_cmd", "gc"),
         ("xmodal_index.jobs.deadletter_cmd", "deadletter"),
         ("xmodal_index.jobs.serve_cmd", "serve"),
+        ("xmodal_index.jobs.report_cmd", "report"),
     ]
     import importlib
 

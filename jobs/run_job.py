@@ -490,6 +490,18 @@ def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool =
             if not best_effort:
                 raise
             logger.warning("could not write the run summary: %s", err)
+    if in_workdir:
+        _write_report(req.workdir, summary.run_id)
+
+
+def _write_report(workdir: str, run_id: str) -> None:
+    """runs/RUN_ID/report.html (jobs/report.py); a report that cannot be written never fails the run."""
+    try:
+        from xmodal_index.jobs.report import write_report
+
+        write_report(workdir, run_id)
+    except Exception as err:  # noqa: BLE001 - the report is a view of the run, not part of it
+        logger.warning("could not write the run report: %s: %s", type(err).__name__, err)
 
 
 def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callable[[str], None]) -> None:

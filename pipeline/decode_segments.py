@@ -16,7 +16,8 @@ item failed, so index builds never read those rows (docs/BAD_MEDIA.md).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+import time
+from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -109,8 +110,11 @@ class _DecodeFn(beam.DoFn):
 
     def process(self, item: MediaItem):
         hold = _HeldItem(self._config.max_hold_bytes)
+        spent, media_s = [0.0], 0.0
         try:
-            for seg in self._segments_of(item):
+            for seg in _timed(self._segments_of(item), spent):
+                if seg.modality in ("video", "audio"):
+                    media_s = max(media_s, float(seg.end_s))
                 yield from hold.add(seg)
             yield from hold.release()
         except DecodeError as err:
@@ -128,7 +132,9 @@ class _DecodeFn(beam.DoFn):
         self._per_item.update(n)
         progress.add("items_done")
         progress.add("segments", n)
-        yield beam.pvalue.TaggedOutput(OUTCOME_TAG, ItemOutcome(item.uri, item.etag, item.size, item.mtime, n))
+        yield beam.pvalue.TaggedOutput(OUTCOME_TAG, ItemOutcome(
+            item.uri, item.etag, item.size, item.mtime, n, finished_at=round(time.time(), 3),
+            media_s=round(media_s, 3), decode_s=round(spent[0], 4)))
 
     def _dead(self, item: MediaItem, stage: str, err: BaseException, released: int):
         self._failed.inc()
@@ -140,6 +146,21 @@ class _DecodeFn(beam.DoFn):
         return beam.pvalue.TaggedOutput(
             DEADLETTER_TAG, DeadLetter(item.uri, item.etag, stage, type(err).__name__, message)
         )
+
+
+def _timed(segments: Iterable[Segment], spent: list[float]) -> Iterator[Segment]:
+    """``segments`` as they come, adding the seconds spent producing them to ``spent[0]``
+    (the time downstream steps take between two segments is not counted)."""
+    it = iter(segments)
+    while True:
+        t = time.perf_counter()
+        try:
+            seg = next(it)
+        except StopIteration:
+            return
+        finally:
+            spent[0] += time.perf_counter() - t
+        yield seg
 
 
 def dead_letter_message(err: BaseException, released: int = 0) -> str:

@@ -88,3 +88,6 @@ class ItemOutcome:
     size: int
     mtime: float
     segments: int
+    finished_at: float = 0.0  # when decoding ended, seconds since the epoch (0: not recorded)
+    media_s: float = 0.0  # audio/video seconds decoded (the latest segment end; 0 for images and texts)
+    decode_s: float = 0.0  # seconds spent inside the decoder for this item

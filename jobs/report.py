@@ -1,0 +1,410 @@
+"""What a run left in its workdir, gathered for the run report (``runs/RUN_ID/report.html``).
+
+Reads only what the run wrote (SPEC 4.2): ``runs/RUN_ID/summary.json`` and
+``config.json``, the work list, the per-item outcome files (each outcome records
+when decoding ended, the media seconds and the decoder seconds of its item), the
+run's dead letters and embeddings Parquet, and the index version the run built
+(its manifest names the run in ``metrics.run_id``). Phase timings come from the
+times those files were written. Nothing here renders: jobs/report_html.py does.
+Strings from the archive (URIs, messages) are kept as they are; the renderer
+escapes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import re
+import shlex
+from typing import Any, Iterable
+
+import pyarrow.parquet as pq
+
+from xmodal_index.jobs.config import RunConfig
+from xmodal_index.pipeline.dag import deadletter_prefix, embeddings_prefix, outcomes_prefix
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
+from xmodal_index.sinks.index import manifest as mf
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+JOB_CONFIG_NAME = "job-config.json"  # the run's job config alone, for the --retry-failed command
+EXAMPLES_PER_GROUP = 3
+THROUGHPUT_BINS = 30
+SAMPLES_AUTO_MAX_BYTES = 2 << 30
+CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
+_CODEC_RE = re.compile(r"\[([A-Za-z0-9_]+) @ 0x[0-9a-fA-F]+\]|codec[ =:'\"]+([A-Za-z0-9_]+)")
+
+
+class ReportError(Exception):
+    """The run cannot be reported on (unknown run, unreadable workdir); the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemTiming:
+    uri: str
+    kind: str
+    ok: bool
+    finished_at: float  # seconds since the epoch; 0 when the run did not record it
+    media_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureGroup:
+    """Failures of one (stage, error class): count, and the first few (uri, message)."""
+
+    stage: str
+    error_type: str
+    count: int
+    examples: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    start_s: float  # seconds after the run started
+    seconds: float
+
+
+@dataclasses.dataclass
+class VersionInfo:
+    version: str
+    published: bool  # LATEST named it when the run ended
+    recall_at_10: dict[str, Any]
+    index_factory: dict[str, str]
+    ntotal: int
+    ntotal_by_modality: dict[str, int]
+    bytes_total: int
+    created_at: str
+    parent_version: str | None
+
+
+@dataclasses.dataclass
+class ReportData:
+    run_id: str
+    workdir: str
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    items: list[ItemTiming]
+    failures: list[FailureGroup]
+    failures_by_container: dict[str, int]
+    failures_by_codec: dict[str, int]
+    dead_letter_uris: int
+    segments_by_modality: dict[str, int]
+    phases: list[Phase]
+    version: VersionInfo | None
+    retry_command: str | None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    samples: list[Any] = dataclasses.field(default_factory=list)  # report_samples.ProbeResult
+    samples_note: str = ""
+
+    @property
+    def invariant(self) -> tuple[bool, str]:
+        """(holds, in words) for inputs_total == indexed + unchanged + failed."""
+        s = self.summary
+        keys = ("inputs_total", "indexed", "unchanged", "failed")
+        if not all(isinstance(s.get(k), int) for k in keys):
+            return False, "the run wrote no complete summary: the counts are unknown"
+        total, parts = s["inputs_total"], s["indexed"] + s["unchanged"] + s["failed"]
+        text = f"inputs {total} {'==' if total == parts else '!='} indexed {s['indexed']} + unchanged {s['unchanged']} + failed {s['failed']}"
+        return total == parts, text
+
+    @property
+    def dead_letters_cover_failures(self) -> bool:
+        return self.dead_letter_uris >= int(self.summary.get("failed") or 0)
+
+    def throughput(self, bins: int = THROUGHPUT_BINS) -> list[tuple[float, float]]:
+        """(seconds after the first item started, media-seconds decoded per second) per time bin."""
+        done = sorted((i for i in self.items if i.ok and i.finished_at > 0), key=lambda i: i.finished_at)
+        if not done:
+            return []
+        start = self.dag_start() or min(i.finished_at - i.decode_s for i in done)
+        span = max(done[-1].finished_at - start, 1e-3)
+        width = span / bins
+        totals = [0.0] * bins
+        for item in done:
+            k = min(int((item.finished_at - start) / width), bins - 1)
+            totals[max(k, 0)] += item.media_s
+        return [((k + 0.5) * width, totals[k] / width) for k in range(bins)]
+
+    def dag_start(self) -> float | None:
+        started = _epoch(self.summary.get("started_at"))
+        dag = next((p for p in self.phases if p.name.startswith("decode")), None)
+        return started + dag.start_s if started is not None and dag is not None else None
+
+
+def normalise_workdir(workdir: str) -> str:
+    """s3:// URIs as given; local paths and file:// URIs as absolute paths."""
+    if storage.is_s3(workdir):
+        return workdir.rstrip("/")
+    path = workdir[len("file://"):] if workdir.startswith("file://") else workdir
+    return os.path.abspath(path)
+
+
+def list_runs(workdir: str) -> list[str]:
+    """Run ids that left a config or a summary under WORKDIR/runs, oldest first."""
+    runs: set[str] = set()
+    try:
+        for obj in storage.list_objects(storage.join(workdir, "runs"), include=("*/summary.json", "*/config.json")):
+            runs.add(obj.uri.replace(os.sep, "/").rstrip("/").split("/")[-2])
+    except ObjectNotFoundError:
+        return []
+    return sorted(runs)
+
+
+def resolve_run(workdir: str, run: str | None) -> str:
+    """The run id named by ``run`` ("latest" or None: the newest run of the workdir)."""
+    runs = list_runs(workdir)
+    if not runs:
+        raise ReportError(f"no runs in {storage.join(workdir, 'runs')!r}")
+    if run in (None, "latest"):
+        return runs[-1]
+    if run not in runs:
+        raise ReportError(f"no run {run!r} in {storage.join(workdir, 'runs')!r} (newest: {', '.join(runs[-3:])})")
+    return run
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if isinstance(value, str) and value:
+        try:
+            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _read_json(uri: str, notes: list[str]) -> dict[str, Any]:
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except ObjectNotFoundError:
+        notes.append(f"{uri} is missing")
+        return {}
+    except (SinkError, ValueError) as err:
+        notes.append(f"{uri} is unreadable: {err}")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _parts(prefix: str, suffix: str) -> list[storage.ObjectInfo]:
+    try:
+        objs = list(storage.list_objects(prefix))
+    except ObjectNotFoundError:
+        return []
+    return [o for o in objs if os.path.basename(o.uri).startswith("part-") and o.uri.endswith(suffix)]
+
+
+def _jsonl(objs: Iterable[storage.ObjectInfo]) -> Iterable[dict[str, Any]]:
+    for obj in objs:
+        for line in storage.read_bytes(obj.uri).decode("utf-8", "replace").splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def container_of(uri: str) -> str:
+    """The container as the file name says it (its extension, lower case), or "(none)"."""
+    ext = os.path.splitext(uri.rsplit("/", 1)[-1])[1].lower().lstrip(".")
+    return ext or "(none)"
+
+
+def codec_of(message: str) -> str:
+    """The codec a decoder message names (``[h264 @ 0x...]``, ``codec 'vp9'``), or "unknown"."""
+    match = _CODEC_RE.search(message or "")
+    return (match.group(1) or match.group(2)).lower() if match else "unknown"
+
+
+def group_failures(rows: Iterable[dict[str, Any]], examples: int = EXAMPLES_PER_GROUP) -> list[FailureGroup]:
+    """Dead-letter rows by (stage, error class): largest first; examples in uri order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row.get("stage") or "?", row.get("error_type") or "?"), []).append(row)
+    out = [FailureGroup(stage, err, len(members),
+                        tuple((r.get("uri") or "", r.get("message") or "")
+                              for r in sorted(members, key=lambda r: r.get("uri") or "")[:examples]))
+           for (stage, err), members in groups.items()]
+    return sorted(out, key=lambda g: (-g.count, g.stage, g.error_type))
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def job_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The job-config sections of a run's config.json (what `run --config` takes)."""
+    return {k: config[k] for k in CONFIG_SECTIONS if isinstance(config.get(k), dict)}
+
+
+def retry_command(summary: dict[str, Any], config: dict[str, Any], config_file: str | None) -> str | None:
+    """`xmodal-index run ... --retry-failed` repeating the run's source, workdir and
+    selection; None when the run had no failures."""
+    if not summary.get("failed"):
+        return None
+    args = ["xmodal-index", "run", "--source", summary.get("source", "SOURCE"), "--workdir", summary.get("workdir", "WORKDIR")]
+    if summary.get("index_name", "main") != "main":
+        args += ["--index-name", summary["index_name"]]
+    if config_file:
+        args += ["--config", config_file]
+    for flag, key in (("--prefix", "prefix"), ("--since", "since"), ("--until", "until")):
+        if summary.get(key):
+            args += [flag, str(summary[key])]
+    if config.get("runner") not in (None, "DirectRunner"):
+        args += ["--runner", str(config["runner"])]
+    args.append("--retry-failed")
+    beam_args = [str(a) for a in config.get("beam_args") or []]
+    if beam_args:
+        args += ["--", *beam_args]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def _version_of_run(index_root: str, run_id: str, summary: dict[str, Any]) -> tuple[mf.Manifest | None, str]:
+    """The version this run built (manifest metrics.run_id), else the one its summary names."""
+    try:
+        versions = mf.list_versions(index_root)
+    except SinkError as err:
+        return None, f"index versions unreadable: {err}"
+    for version in reversed(versions):
+        try:
+            manifest = mf.read_manifest(index_root, version)
+        except (IndexVersionError, SinkError):
+            continue
+        if (manifest.metrics or {}).get("run_id") == run_id:
+            return manifest, ""
+    named = summary.get("index_version")
+    if named and named in versions:
+        return mf.read_manifest(index_root, named), f"this run built no version; {named} was current"
+    return None, "this run built no index version"
+
+
+def _version_info(manifest: mf.Manifest, summary: dict[str, Any]) -> VersionInfo:
+    recall = (manifest.metrics or {}).get("recall_at_10") or {}
+    ntotal = (manifest.metrics or {}).get("ntotal")
+    by_modality = dict(ntotal) if isinstance(ntotal, dict) else {}
+    if not by_modality:
+        for shard in manifest.shards:
+            if shard.kind == "float":
+                by_modality[shard.modality] = by_modality.get(shard.modality, 0) + shard.ntotal
+    published = bool(summary.get("index_published")) and summary.get("index_version") == manifest.version
+    return VersionInfo(manifest.version, published, dict(recall) if isinstance(recall, dict) else {"float": recall},
+                       dict(manifest.index_factory), manifest.ntotal, by_modality,
+                       sum(f.bytes for f in manifest.all_files()), manifest.created_at, manifest.parent_version)
+
+
+def _mtime(uri: str) -> float | None:
+    try:
+        return storage.stat(uri).mtime
+    except SinkError:
+        return None
+
+
+def _phases(workdir: str, run_id: str, summary: dict[str, Any], dag_end: float | None, version_mtime: float | None) -> list[Phase]:
+    """Run phases from when the run's files were written: planning (until the work list),
+    the Beam DAG (until its last part file), the ledger commit, the index version, the rest."""
+    start = _epoch(summary.get("started_at"))
+    if start is None:
+        return []
+    end = start + float(summary.get("wall_s") or 0.0)
+    marks = [("list + plan", _mtime(storage.join(workdir, "runs", run_id, "worklist.jsonl"))),
+             ("decode + encode + write (Beam)", dag_end),
+             ("ledger commit", _mtime(storage.join(workdir, "ledger", f"ledger-{run_id}.parquet"))),
+             ("index build + upload", version_mtime),
+             ("publish + summary", end if summary.get("wall_s") else None)]
+    phases, t = [], start
+    for name, mark in marks:
+        if mark is None or mark < t:
+            continue
+        phases.append(Phase(name, round(t - start, 3), round(mark - t, 3)))
+        t = mark
+    return phases
+
+
+def gather(workdir: str, run_id: str | None = None) -> ReportData:
+    """Everything the report shows about one run (the newest when ``run_id`` is None)."""
+    workdir = normalise_workdir(workdir)
+    run_id = resolve_run(workdir, run_id)
+    run_dir = storage.join(workdir, "runs", run_id)
+    notes: list[str] = []
+    summary = _read_json(storage.join(run_dir, "summary.json"), notes)
+    config = _read_json(storage.join(run_dir, "config.json"), notes)
+    summary.setdefault("run_id", run_id)
+    summary.setdefault("workdir", workdir)
+    summary.setdefault("index_name", config.get("index_name", "main"))
+
+    kinds: dict[str, str] = {}
+    try:
+        for item in _jsonl([storage.stat(storage.join(run_dir, "worklist.jsonl"))]):
+            kinds[item["uri"]] = item.get("kind", "?")
+    except ObjectNotFoundError:
+        pass
+    outcome_parts = _parts(outcomes_prefix(workdir, run_id), ".jsonl")
+    items = [ItemTiming(o["uri"], kinds.get(o["uri"], "?"), True, float(o.get("finished_at") or 0.0),
+                        float(o.get("media_s") or 0.0), float(o.get("decode_s") or 0.0))
+             for o in _jsonl(outcome_parts)]
+    if items and not any(i.finished_at for i in items):
+        notes.append("this run's outcome files record no per-item times (written before they did): no throughput plot")
+
+    dead_parts = _parts(deadletter_prefix(workdir, run_id), ".parquet")
+    dead: list[dict[str, Any]] = []
+    for obj in dead_parts:
+        with storage.open_read(obj.uri) as f:
+            dead.extend(pq.read_table(f).to_pylist())
+    items += [ItemTiming(d["uri"], kinds.get(d["uri"], "?"), False, _epoch(d.get("at")) or 0.0) for d in dead]
+
+    segments: dict[str, int] = {}
+    emb_parts = _parts(embeddings_prefix(workdir, run_id), ".parquet")
+    for obj in emb_parts:
+        with storage.open_read(obj.uri) as f:
+            for modality in pq.read_table(f, columns=["modality"]).column("modality").to_pylist():
+                segments[modality] = segments.get(modality, 0) + 1
+
+    manifest, version_note = _version_of_run(storage.join(workdir, "indexes", summary["index_name"]), run_id, summary)
+    if version_note:
+        notes.append(version_note)
+    version_mtime = None
+    if manifest is not None and (manifest.metrics or {}).get("run_id") == run_id:
+        version_mtime = _mtime(mf.manifest_uri(storage.join(workdir, "indexes", summary["index_name"]), manifest.version))
+    part_times = [o.mtime for o in outcome_parts + dead_parts + emb_parts]
+    local_config = None if storage.is_s3(workdir) else storage.join(run_dir, JOB_CONFIG_NAME)
+    return ReportData(
+        run_id=run_id, workdir=workdir, summary=summary, config=config, items=items,
+        failures=group_failures(dead),
+        failures_by_container=_count(container_of(d.get("uri") or "") for d in dead),
+        failures_by_codec=_count(codec_of(d.get("message") or "") for d in dead),
+        dead_letter_uris=len({d.get("uri") for d in dead}),
+        segments_by_modality=dict(sorted(segments.items())),
+        phases=_phases(workdir, run_id, summary, max(part_times) if part_times else None, version_mtime),
+        version=_version_info(manifest, summary) if manifest is not None else None,
+        retry_command=retry_command(summary, config, local_config or JOB_CONFIG_NAME),
+        notes=notes,
+    )
+
+
+def write_report(workdir: str, run_id: str | None = None, *, samples: bool | None = None, out: str | None = None) -> str:
+    """Gather, render and write the report of one run (the newest by default) to
+    ``runs/RUN_ID/report.html`` (or ``out``), with the run's job config beside it
+    for the --retry-failed command; returns where the report went. ``samples``:
+    run the probe queries (None: only when the version is at most
+    SAMPLES_AUTO_MAX_BYTES, as loading it verifies every file's checksum)."""
+    from xmodal_index.jobs.report_html import render
+    from xmodal_index.jobs.report_samples import add_samples
+
+    data = gather(workdir, run_id)
+    if samples is None and data.version is not None and data.version.bytes_total > SAMPLES_AUTO_MAX_BYTES:
+        data.samples_note = (f"{data.version.version} is {data.version.bytes_total} bytes: no sample queries at the end "
+                             f"of the run; `xmodal-index report --workdir WORKDIR --run {data.run_id}` adds them")
+    elif samples is not False:
+        add_samples(data)
+    run_dir = storage.join(data.workdir, "runs", data.run_id)
+    if data.retry_command and job_config(data.config):
+        storage.write_bytes(storage.join(run_dir, JOB_CONFIG_NAME), json.dumps(job_config(data.config), indent=2).encode())
+    target = out or storage.join(run_dir, REPORT_NAME)
+    storage.write_bytes(target, render(data).encode("utf-8"))
+    return target

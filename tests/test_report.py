@@ -1,0 +1,248 @@
+"""The run report: what it gathers from a real run's workdir, how it escapes the
+archive's names, the `report` command, and that a report never fails a run."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.media_factory import make_video
+from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
+from xmodal_index.jobs import report as rp
+from xmodal_index.jobs.report_html import esc, render
+
+HOSTILE_DIR = "<script>alert(1)<"  # with the file below: videos/<script>alert(1)</script>.mp4
+HOSTILE = "<script>alert(1)</script>.mp4"
+QUOTED = 'bad" onmouseover="alert(2).mkv'
+
+
+def _corrupt(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a movie " * 40)
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory):
+    """A real run over the small archive plus two corrupt files with hostile names."""
+    root = tmp_path_factory.mktemp("rep")
+    archive = root / "archive"
+    make_archive(archive)
+    make_video(archive / "videos" / "long.mp4", duration_s=3.0, fps=4)
+    _corrupt(archive / "videos" / HOSTILE_DIR / "script>.mp4")
+    _corrupt(archive / "videos" / QUOTED)
+    workdir = root / "work"
+    result = invoke(*run_args(archive, workdir, write_config(root)))
+    assert result.exit_code == 0, result.output
+    (summary,) = summaries(str(workdir))
+    return archive, workdir, summary
+
+
+def test_every_run_writes_its_report(done_run):
+    _, workdir, summary = done_run
+    page = (workdir / "runs" / summary["run_id"] / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert summary["run_id"] in page
+
+
+def test_counts_and_invariant_come_from_the_summary(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    assert (data.summary["inputs_total"], data.summary["indexed"], data.summary["failed"]) == (11, 9, 2)
+    assert data.invariant == (True, "inputs 11 == indexed 9 + unchanged 0 + failed 2")
+    assert data.dead_letters_cover_failures
+    assert "invariant holds" in render(data)
+
+
+def test_a_broken_invariant_is_shown_as_broken(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    data.summary["indexed"] -= 1
+    assert data.invariant[0] is False
+    page = render(data)
+    assert "invariant broken" in page and "inputs 11 != indexed 8" in page
+
+
+def test_failures_are_grouped_by_stage_error_class_and_container(done_run):
+    archive, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    (group,) = data.failures
+    assert (group.stage, group.error_type, group.count) == ("probe", "ProbeError", 2)
+    assert [uri for uri, _ in group.examples] == sorted(
+        [str(archive / "videos" / HOSTILE), str(archive / "videos" / QUOTED)])
+    assert data.failures_by_container == {"mkv": 1, "mp4": 1}
+
+
+def test_group_failures_orders_groups_and_keeps_the_first_examples():
+    rows = [{"uri": f"s3://b/{n}.mp4", "stage": "decode", "error_type": "DecodeError", "message": f"m{n}"}
+            for n in (5, 1, 4, 2)]
+    rows.append({"uri": "s3://b/x.wav", "stage": "probe", "error_type": "ProbeError", "message": "bad"})
+    groups = rp.group_failures(rows, examples=3)
+    assert [(g.stage, g.count) for g in groups] == [("decode", 4), ("probe", 1)]
+    assert groups[0].examples == (("s3://b/1.mp4", "m1"), ("s3://b/2.mp4", "m2"), ("s3://b/4.mp4", "m4"))
+
+
+def test_codec_and_container_names():
+    assert rp.codec_of("[h264 @ 0x55d0c0] Invalid NAL unit size") == "h264"
+    assert rp.codec_of("not a readable media container") == "unknown"
+    assert rp.container_of("s3://b/dir.v2/clip.MKV") == "mkv"
+    assert rp.container_of("/a/README") == "(none)"
+
+
+class _Elements(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+
+
+def test_hostile_file_names_are_escaped_in_text_and_attributes(done_run):
+    _, workdir, summary = done_run
+    page = (workdir / "runs" / summary["run_id"] / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.mp4" in page
+    assert "<script" not in page.lower()
+    parsed = _Elements()
+    parsed.feed(page)
+    assert "script" not in parsed.tags
+    assert not any(name.startswith("on") for name, _ in parsed.attrs)
+    assert 'bad&quot; onmouseover=&quot;alert(2).mkv' in page
+
+
+def test_esc_shows_control_characters_and_quotes_inert():
+    assert esc('a"b\'<c>&\x1b[31m\u202e') == "a&quot;b&#x27;&lt;c&gt;&amp;\\x1b[31m\\u202e"
+
+
+def test_the_page_loads_nothing_from_the_network(done_run):
+    _, workdir, summary = done_run
+    page = (workdir / "runs" / summary["run_id"] / "report.html").read_text()
+    assert "default-src 'none'" in page
+    parsed = _Elements()
+    parsed.feed(page)
+    sources = [value for name, value in parsed.attrs if name in ("src", "href")]
+    assert sources and all(value.startswith("data:") for value in sources)
+
+
+def test_per_item_times_give_throughput_and_phases(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    ok = {os.path.basename(i.uri): i for i in data.items if i.ok}
+    assert all(i.finished_at > 0 and i.decode_s > 0 for i in ok.values())
+    assert ok["long.mp4"].media_s == pytest.approx(3.0, abs=0.3)
+    assert ok["img0.png"].media_s == 0.0
+    series = data.throughput()
+    assert len(series) == rp.THROUGHPUT_BINS
+    width = series[1][0] - series[0][0]
+    assert sum(rate for _, rate in series) * width == pytest.approx(sum(i.media_s for i in ok.values()), rel=1e-6)
+    names = [p.name for p in data.phases]
+    assert names[:2] == ["list + plan", "decode + encode + write (Beam)"] and "index build + upload" in names
+    assert sum(p.seconds for p in data.phases) <= summary["wall_s"] + 0.01
+
+
+def test_outcomes_written_before_item_times_still_report(done_run, tmp_path):
+    _, workdir, summary = done_run
+    copy = tmp_path / "work"
+    shutil.copytree(workdir, copy)
+    for part in (copy / "runs" / summary["run_id"] / "outcomes").iterdir():
+        lines = [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+        part.write_text("".join(json.dumps({k: o[k] for k in ("uri", "etag", "size", "mtime", "segments")}) + "\n"
+                                for o in lines))
+    data = rp.gather(str(copy), summary["run_id"])
+    assert data.throughput() == []
+    assert any("no per-item times" in note for note in data.notes)
+    assert "Throughput and timing" in render(data)
+
+
+def test_segments_per_modality_match_the_rows_written(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    assert set(data.segments_by_modality) == {"video", "audio", "image", "text"}
+    assert sum(data.segments_by_modality.values()) == summary["rows_written"]
+    assert data.version.ntotal_by_modality == data.segments_by_modality
+
+
+def test_the_new_version_with_recall_factory_size_and_gate(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    v = data.version
+    assert (v.version, v.published) == ("v000001", True)
+    assert v.recall_at_10["float"] == pytest.approx(1.0)
+    assert v.index_factory == {"float": "Flat", "binary": "BFlat"}
+    index_dir = workdir / "indexes" / "main" / "v000001"
+    listed = json.loads((index_dir / "manifest.json").read_text())
+    names = [e["file"] for key in ("shards", "id_maps", "vectors", "files") for e in listed.get(key, [])]
+    assert v.bytes_total == sum((index_dir / name).stat().st_size for name in names) > 0
+    page = render(data)
+    assert "v000001 is the first version" in page and "float Flat, binary BFlat" in page
+
+
+def test_sample_queries_show_thumbnails_and_audio(done_run):
+    _, workdir, summary = done_run
+    page = (workdir / "runs" / summary["run_id"] / "report.html").read_text()
+    assert "Sample queries" in page
+    assert "data:image/jpeg;base64," in page
+    assert '<audio controls preload="none" src="data:audio/wav;base64,' in page
+
+
+def test_samples_are_skipped_with_a_reason_when_the_encoder_cannot_load(done_run, monkeypatch):
+    import xmodal_index.jobs.query_cmd as query_cmd
+    from xmodal_index.jobs import report_samples
+
+    def no_torch(version):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(query_cmd, "load_query_encoder", no_torch)
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    report_samples.add_samples(data)
+    assert data.samples == []
+    assert data.samples_note == "sample queries skipped: ModuleNotFoundError: No module named 'torch'"
+    assert "No module named &#x27;torch&#x27;" in render(data)
+
+
+def test_retry_command_is_runnable_as_printed(done_run):
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    args = shlex.split(data.retry_command)
+    assert args[:2] == ["xmodal-index", "run"] and args[-1] == "--retry-failed"
+    result = invoke(*args[1:])
+    assert result.exit_code == 3, result.output  # both fail again: over max_error_fraction, as in any run
+    retry = summaries(str(workdir))[-1]
+    assert (retry["unchanged"], retry["failed"]) == (9, 2)  # the two failed inputs were tried again
+
+
+def test_report_command_rewrites_a_past_run_from_a_relative_workdir(done_run, tmp_path, monkeypatch):
+    _, workdir, summary = done_run
+    monkeypatch.chdir(workdir.parent)
+    out = tmp_path / "again.html"
+    result = invoke("report", "--workdir", workdir.name, "--run", summary["run_id"], "--out", out, "--no-samples")
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert summary["run_id"] in page and "data:image/jpeg" not in page
+
+
+def test_report_command_refuses_an_unknown_run_in_one_line(done_run):
+    _, workdir, _ = done_run
+    result = invoke("report", "--workdir", workdir, "--run", "../../etc")
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0 and "no run '../../etc'" in result.output
+
+
+def test_a_report_that_fails_never_fails_the_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer exploded")
+
+    monkeypatch.setattr(rp, "write_report", broken)
+    make_archive(tmp_path / "a")
+    result = invoke(*run_args(tmp_path / "a", tmp_path / "w", write_config(tmp_path)))
+    assert result.exit_code == 0, result.output
+    assert "could not write the run report: RuntimeError: renderer exploded" in result.output
+    assert not list((tmp_path / "w" / "runs").glob("*/report.html"))
