@@ -17,14 +17,24 @@ import datetime
 import json
 import logging
 import os
-import re
-import shlex
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow.parquet as pq
-
-from xmodal_index.jobs.config import RunConfig
-from xmodal_index.pipeline.dag import deadletter_prefix, embeddings_prefix, outcomes_prefix
+from xmodal_index.jobs.report_failures import (
+    FailureGroup,
+    codec_of,
+    container_of,
+    count_by,
+    group_failures,
+    job_config,
+    retry_command,
+)
+from xmodal_index.pipeline.dag import (
+    deadletter_prefix,
+    embeddings_prefix,
+    outcomes_prefix,
+)
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
 from xmodal_index.sinks.index import manifest as mf
@@ -33,11 +43,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 JOB_CONFIG_NAME = "job-config.json"  # the run's job config alone, for the --retry-failed command
-EXAMPLES_PER_GROUP = 3
 THROUGHPUT_BINS = 30
 SAMPLES_AUTO_MAX_BYTES = 2 << 30
-CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
-_CODEC_RE = re.compile(r"\[([A-Za-z0-9_]+) @ 0x[0-9a-fA-F]+\]|codec[ =:'\"]+([A-Za-z0-9_]+)")
 
 
 class ReportError(Exception):
@@ -52,16 +59,6 @@ class ItemTiming:
     finished_at: float  # seconds since the epoch; 0 when the run did not record it
     media_s: float = 0.0
     decode_s: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class FailureGroup:
-    """Failures of one (stage, error class): count, and the first few (uri, message)."""
-
-    stage: str
-    error_type: str
-    count: int
-    examples: tuple[tuple[str, str], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +139,7 @@ def normalise_workdir(workdir: str) -> str:
     """s3:// URIs as given; local paths and file:// URIs as absolute paths."""
     if storage.is_s3(workdir):
         return workdir.rstrip("/")
-    path = workdir[len("file://"):] if workdir.startswith("file://") else workdir
+    path = workdir.removeprefix("file://")
     return os.path.abspath(path)
 
 
@@ -205,64 +202,6 @@ def _jsonl(objs: Iterable[storage.ObjectInfo]) -> Iterable[dict[str, Any]]:
         for line in storage.read_bytes(obj.uri).decode("utf-8", "replace").splitlines():
             if line.strip():
                 yield json.loads(line)
-
-
-def container_of(uri: str) -> str:
-    """The container as the file name says it (its extension, lower case), or "(none)"."""
-    ext = os.path.splitext(uri.rsplit("/", 1)[-1])[1].lower().lstrip(".")
-    return ext or "(none)"
-
-
-def codec_of(message: str) -> str:
-    """The codec a decoder message names (``[h264 @ 0x...]``, ``codec 'vp9'``), or "unknown"."""
-    match = _CODEC_RE.search(message or "")
-    return (match.group(1) or match.group(2)).lower() if match else "unknown"
-
-
-def group_failures(rows: Iterable[dict[str, Any]], examples: int = EXAMPLES_PER_GROUP) -> list[FailureGroup]:
-    """Dead-letter rows by (stage, error class): largest first; examples in uri order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row.get("stage") or "?", row.get("error_type") or "?"), []).append(row)
-    out = [FailureGroup(stage, err, len(members),
-                        tuple((r.get("uri") or "", r.get("message") or "")
-                              for r in sorted(members, key=lambda r: r.get("uri") or "")[:examples]))
-           for (stage, err), members in groups.items()]
-    return sorted(out, key=lambda g: (-g.count, g.stage, g.error_type))
-
-
-def _count(values: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def job_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The job-config sections of a run's config.json (what `run --config` takes)."""
-    return {k: config[k] for k in CONFIG_SECTIONS if isinstance(config.get(k), dict)}
-
-
-def retry_command(summary: dict[str, Any], config: dict[str, Any], config_file: str | None) -> str | None:
-    """`xmodal-index run ... --retry-failed` repeating the run's source, workdir and
-    selection; None when the run had no failures."""
-    if not summary.get("failed"):
-        return None
-    args = ["xmodal-index", "run", "--source", summary.get("source", "SOURCE"), "--workdir", summary.get("workdir", "WORKDIR")]
-    if summary.get("index_name", "main") != "main":
-        args += ["--index-name", summary["index_name"]]
-    if config_file:
-        args += ["--config", config_file]
-    for flag, key in (("--prefix", "prefix"), ("--since", "since"), ("--until", "until")):
-        if summary.get(key):
-            args += [flag, str(summary[key])]
-    if config.get("runner") not in (None, "DirectRunner"):
-        args += ["--runner", str(config["runner"])]
-    args.append("--retry-failed")
-    beam_args = [str(a) for a in config.get("beam_args") or []]
-    if beam_args:
-        args += ["--", *beam_args]
-    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def _version_of_run(index_root: str, run_id: str, summary: dict[str, Any]) -> tuple[mf.Manifest | None, str]:
@@ -376,8 +315,8 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     return ReportData(
         run_id=run_id, workdir=workdir, summary=summary, config=config, items=items,
         failures=group_failures(dead),
-        failures_by_container=_count(container_of(d.get("uri") or "") for d in dead),
-        failures_by_codec=_count(codec_of(d.get("message") or "") for d in dead),
+        failures_by_container=count_by(container_of(d.get("uri") or "") for d in dead),
+        failures_by_codec=count_by(codec_of(d.get("message") or "") for d in dead),
         dead_letter_uris=len({d.get("uri") for d in dead}),
         segments_by_modality=dict(sorted(segments.items())),
         phases=_phases(workdir, run_id, summary, max(part_times) if part_times else None, version_mtime),

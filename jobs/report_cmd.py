@@ -8,7 +8,6 @@ import tempfile
 import webbrowser
 
 import click
-
 from xmodal_index.jobs.report import REPORT_NAME, ReportError, write_report
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError

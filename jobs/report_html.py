@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import datetime
 import html
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from xmodal_index.jobs.report import ReportData
-from xmodal_index.jobs.report_plots import COLORS, FAIL, counts_plot, phases_plot, throughput_plot
+from xmodal_index.jobs.report_plots import (
+    COLORS,
+    FAIL,
+    counts_plot,
+    phases_plot,
+    throughput_plot,
+)
 
 CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -27,7 +34,7 @@ table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{padding:3px 10p
 th{color:#555;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
 .ok{background:#2e7d32}.bad{background:#c62828}.warn{background:#ef6c00}.muted{background:#78909c}
-.grid{display:flex;flex-wrap:wrap;gap:16px}.grid>div{flex:1 1 300px}
+.grid{display:flex;flex-wrap:wrap;gap:16px}.grid>div{flex:1 1 300px}.grid>div.wide{flex:2 1 420px}
 img.plot{width:100%;max-width:640px;height:auto}
 pre{background:#f0f2f5;padding:8px 10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:12px}
 .hits{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 14px}
@@ -47,7 +54,7 @@ def esc(value: Any) -> str:
     return html.escape(text, quote=True)
 
 
-def human_bytes(n: int | float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -143,7 +150,7 @@ def _failures(d: ReportData) -> str:
     retry = ""
     if d.retry_command:
         retry = f"<p>Retry the failed inputs once they are fixed:</p><pre>{esc(d.retry_command)}</pre>"
-    return (f"<section><h2>Failures</h2><div class='grid'><div>{plot}</div>{side}</div>"
+    return (f"<section><h2>Failures</h2><div class='grid'><div class='wide'>{plot}</div>{side}</div>"
             f"<table><tr><th>stage</th><th>error class</th><th>count</th><th>first inputs</th></tr>{''.join(groups)}</table>"
             f"{retry}</section>")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg", force=False)
 
-from matplotlib.figure import Figure  # noqa: E402 - the backend is chosen first
+from matplotlib.figure import Figure
 
 COLORS = {"video": "#4c72b0", "audio": "#dd8452", "image": "#55a868", "text": "#8172b3"}
 ACCENT = "#4c72b0"

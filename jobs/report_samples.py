@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.index import manifest as mf
 
@@ -170,8 +169,8 @@ def audio_excerpt(path: str, start_s: float, end_s: float) -> np.ndarray:
             if frame.time is not None and frame.time >= end_s:
                 break
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
-    offset = max(int(round((start_s - (first_t or 0.0)) * AUDIO_RATE_HZ)), 0)
-    return samples[offset:offset + max(int(round((end_s - start_s) * AUDIO_RATE_HZ)), 1)]
+    offset = max(round((start_s - (first_t or 0.0)) * AUDIO_RATE_HZ), 0)
+    return samples[offset:offset + max(round((end_s - start_s) * AUDIO_RATE_HZ), 1)]
 
 
 def _wav(samples: np.ndarray) -> str:

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from xmodal_index.jobs import report as rp
+from xmodal_index.jobs.report_html import esc, render
 
 from tests.media_factory import make_video
 from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
-from xmodal_index.jobs import report as rp
-from xmodal_index.jobs.report_html import esc, render
 
 HOSTILE_DIR = "<script>alert(1)<"  # with the file below: videos/<script>alert(1)</script>.mp4
 HOSTILE = "<script>alert(1)</script>.mp4"
@@ -193,8 +193,7 @@ def test_sample_queries_show_thumbnails_and_audio(done_run):
 
 
 def test_samples_are_skipped_with_a_reason_when_the_encoder_cannot_load(done_run, monkeypatch):
-    import xmodal_index.jobs.query_cmd as query_cmd
-    from xmodal_index.jobs import report_samples
+    from xmodal_index.jobs import query_cmd, report_samples
 
     def no_torch(version):
         raise ModuleNotFoundError("No module named 'torch'")

@@ -33,7 +33,7 @@ def screenshot(page: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     """Load ``page`` in headless chromium; returns the screenshot and the console messages."""
     png = tmp_path / (page.stem + ".png")
     proc = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}",
-                           page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+                           page.resolve().as_uri()], check=False, capture_output=True, text=True, timeout=120)
     assert png.exists(), f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return png, [m.group(1) for m in map(CONSOLE_LINE.search, proc.stderr.splitlines()) if m]
 
