@@ -16,17 +16,15 @@ import logging
 from typing import Iterable, Sequence
 
 import click
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from xmodal_index.pipeline.dag import deadletter_prefix
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
+from xmodal_index.sinks.deadletters import read_deadletters, run_ids_with_dead_letters
+from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.ledger import ledger_snapshot_name, read_ledger
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
-RUN_DIR_PREFIX = "run_id="
 NO_DEAD_LETTER = "NoDeadLetter"  # error_type of a failed ledger entry whose dead letter is missing
 
 
@@ -97,41 +95,9 @@ def format_groups(groups: Sequence[FailureGroup], max_chars: int = 160) -> list[
 # ---------------------------------------------------------------- reading
 
 
-def run_ids_with_dead_letters(workdir: str) -> list[str]:
-    """Run ids that have a dead-letter folder, oldest first (run ids sort by start time)."""
-    root = storage.join(workdir, "deadletter")
-    try:
-        objects = list(storage.list_objects(root))
-    except ObjectNotFoundError:
-        return []
-    base = root.rstrip("/") + "/"
-    runs = set()
-    for obj in objects:
-        first = obj.uri[len(base):].split("/", 1)[0] if obj.uri.startswith(base) else ""
-        if first.startswith(RUN_DIR_PREFIX):
-            runs.add(first[len(RUN_DIR_PREFIX):])
-    return sorted(runs)
-
-
 def read_run(workdir: str, run_id: str) -> list[dict]:
     """The dead-letter rows one run wrote (none when it wrote none)."""
-    prefix = deadletter_prefix(workdir, run_id)
-    try:
-        objects = list(storage.list_objects(prefix))
-    except ObjectNotFoundError:
-        return []
-    base = prefix.rstrip("/") + "/"
-    rows: list[dict] = []
-    for obj in objects:
-        name = obj.uri[len(base):] if obj.uri.startswith(base) else ""
-        if "/" in name or not (name.startswith("part-") and name.endswith(".parquet")):
-            continue  # Beam's temporary folders, anything else
-        try:
-            with storage.open_read(obj.uri) as f:
-                rows.extend(pq.read_table(f).to_pylist())
-        except (pa.ArrowException, OSError) as err:
-            raise DeadLetterReadError(f"cannot read dead letters {obj.uri}: {err}") from err
-    return rows
+    return read_deadletters(workdir, run_id)
 
 
 def current_failures(workdir: str) -> list[dict]:
@@ -171,7 +137,7 @@ def _json_row(row: dict) -> dict:
 
 def _workdir_uri(workdir: str) -> str:
     try:
-        return storage.normalize_uri(workdir)
+        return Workdir(workdir).uri
     except SinkError as err:
         raise click.BadParameter(str(err), param_hint="--workdir") from err
 
@@ -207,7 +173,7 @@ def deadletter(workdir: str, run_id: str | None, all_runs: bool, examples: int, 
                 if run_id is None:
                     raise click.ClickException(f"no run in {shown} has dead letters")
             scope, rows = f"run {run_id}", read_run(workdir, run_id)
-            if not rows and not storage.exists(storage.join(workdir, "runs", run_id)):
+            if not rows and not storage.exists(Workdir(workdir).run_dir(run_id)):
                 raise click.ClickException(f"no run {run_id!r} in {shown} (runs are listed under {shown}/runs/)")
         elif ledger_snapshot_name(workdir) is not None:
             scope, rows = "failed now (committed ledger)", current_failures(workdir)

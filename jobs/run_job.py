@@ -17,10 +17,8 @@ The whole run holds the workdir lease (sinks/storage/lease.py), renewed before e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import io
 import json
 import logging
 import os
@@ -29,31 +27,27 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from xmodal_index.encoders.loading import load_encoder
 from xmodal_index.jobs.config import RunConfig
-from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work
+from xmodal_index.jobs.crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, upload_progress
+from xmodal_index.jobs.crash_points import crash_point as _crash_point
+from xmodal_index.jobs.crash_points import dag_crash_points as _dag_crash_points
+from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work, split_unrepresentable
 from xmodal_index.pipeline import progress
-from xmodal_index.pipeline.dag import (
-    IndexArchive,
-    deadletter_prefix,
-    embeddings_prefix,
-    item_to_json,
-    outcome_from_json,
-    outcomes_prefix,
-    read_worklist,
-)
+from xmodal_index.pipeline.dag import IndexArchive, item_to_json, outcome_from_json, read_worklist
 from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.embeddings_io import batch_reader
-from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
+from xmodal_index.sinks.deadletters import read_deadletters, write_deadletters
+from xmodal_index.sinks.embeddings_io import live_batches
+from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index.build import build_version
-from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo, lease_uri
+from xmodal_index.sinks.index.publish_gate import GateConfig
+from xmodal_index.sinks.parts import count_parquet_rows, list_parts, read_lines
+from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
     ledger_snapshot_name,
@@ -65,7 +59,7 @@ from xmodal_index.sinks.ledger import (
     write_ledger,
 )
 from xmodal_index.sinks.index.publish_gate import GateDecision, publish_gated
-from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +69,21 @@ EXIT_TOO_MANY_FAILURES = 3
 EXIT_LEASE_HELD = 4
 EXIT_GATE_REFUSED = 5
 
-__all__ = ["RunRequest", "RunSummary", "Selection", "execute", "list_selection", "new_run_id", "plan_work"]
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_EXIT_CODE",
+    "CRASH_POINTS",
+    "RunRequest",
+    "RunSummary",
+    "Selection",
+    "execute",
+    "list_selection",
+    "live_batches",
+    "new_run_id",
+    "plan_work",
+    "read_deadletters",
+]
 
-# Test hook: XMODAL_CRASH_AT=<point> ends the process with os._exit(CRASH_EXIT_CODE) at
-# that point, as a kill would (no cleanup, lease left behind). Used by the resume tests.
-CRASH_ENV = "XMODAL_CRASH_AT"
-CRASH_EXIT_CODE = 86
-CRASH_POINTS = ("during_decode", "during_write", "after_dag", "after_ledger", "during_upload", "before_publish",
-                "after_publish")
 
 
 @dataclasses.dataclass
@@ -141,33 +142,7 @@ def new_run_id() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-# ---------------------------------------------------------------- DAG outputs
-
-
-def _list_parts(prefix: str, suffix: str) -> list[str]:
-    try:
-        objs = list(storage.list_objects(prefix))
-    except ObjectNotFoundError:
-        return []
-    base = prefix.rstrip("/") + "/"
-    out = []
-    for o in objs:
-        rel = o.uri[len(base):] if o.uri.startswith(base) else os.path.basename(o.uri)
-        if "/" not in rel and rel.startswith("part-") and rel.endswith(suffix):
-            out.append(o.uri)
-    return sorted(out)
-
-
-def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    with storage.open_read(uri) as f:
-        return pq.read_table(f, columns=columns)
-
-
-def read_deadletters(workdir: str, run_id: str) -> list[dict]:
-    rows = []
-    for uri in _list_parts(deadletter_prefix(workdir, run_id), ".parquet"):
-        rows.extend(_read_parquet(uri).to_pylist())
-    return rows
+# ---------------------------------------------------------------- the DAG
 
 
 def _beam_options(req: RunRequest, run_id: str):
@@ -231,10 +206,10 @@ class _ProgressLine:
 def run_dag(req: RunRequest, run_id: str, todo: Sequence[MediaItem], dim: int, bits: int) -> None:
     import apache_beam as beam
 
-    worklist = storage.join(req.workdir, "runs", run_id, "worklist.jsonl")
+    worklist = Workdir(req.workdir).worklist(run_id)
     storage.write_bytes(worklist, "".join(item_to_json(i) + "\n" for i in todo).encode())
     cfg = req.config
-    with _ProgressLine(len(todo), req.show_progress), _dag_crash_points(embeddings_prefix(req.workdir, run_id)):
+    with _ProgressLine(len(todo), req.show_progress), _dag_crash_points(Workdir(req.workdir).embeddings(run_id)):
         with beam.Pipeline(options=_beam_options(req, run_id)) as p:
             items = read_worklist(p, worklist)
             items | "IndexArchive" >> IndexArchive(req.workdir, run_id, cfg.decode, cfg.encoder, dim, bits,
@@ -242,24 +217,19 @@ def run_dag(req: RunRequest, run_id: str, todo: Sequence[MediaItem], dim: int, b
 
 
 def _outcomes(workdir: str, run_id: str) -> dict[str, dict]:
+    """The DAG's per-item outcomes (segments written), by uri."""
     out = {}
-    for uri in _list_parts(outcomes_prefix(workdir, run_id), ".jsonl"):
-        for line in storage.read_bytes(uri).decode().splitlines():
-            if line.strip():
-                o = outcome_from_json(line)
-                out[o.uri] = dataclasses.asdict(o)
+    for line in read_lines(list_parts(Workdir(workdir).outcomes(run_id), ".jsonl")):
+        o = outcome_from_json(line)
+        out[o.uri] = dataclasses.asdict(o)
     return out
 
 
 def _write_dead(workdir: str, run_id: str, items: Sequence[MediaItem], part: str, stage: str, error_type: str,
                 message: str) -> None:
     """Dead-letter rows written by the job itself (for items the DAG never saw or lost)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    rows = [dict(uri=i.uri, etag=i.etag, stage=stage, error_type=error_type, message=message, run_id=run_id, at=now)
-            for i in items]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=DEADLETTER_SCHEMA), buf)
-    storage.write_bytes(storage.join(deadletter_prefix(workdir, run_id), f"part-{part}.parquet"), buf.getvalue())
+    write_deadletters(workdir, run_id, part, [dict(uri=i.uri, etag=i.etag, stage=stage, error_type=error_type,
+                                                   message=message) for i in items])
 
 
 def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
@@ -267,92 +237,8 @@ def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
     _write_dead(workdir, run_id, lost, "lost", "pipeline", "NoOutcome", "the DAG finished without an outcome for this item")
 
 
-def _printable_uri(uri: str) -> str:
-    """A file name that is not UTF-8 (surrogate-escaped by Python) with its bad bytes
-    written as \\xNN: Beam's coders and Parquet can carry it, and it is stable."""
-    return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def split_unrepresentable(items: Sequence[MediaItem], listed: frozenset[str]
-                          ) -> tuple[list[MediaItem], frozenset[str], set[str]]:
-    """Give items whose names are not valid UTF-8 a printable uri; return the items,
-    the listed uris in the same form, and the printable uris of those items."""
-    out, bad = [], set()
-    for item in items:
-        fixed = _printable_uri(item.uri)
-        if fixed != item.uri:
-            bad.add(fixed)
-            item = dataclasses.replace(item, uri=fixed, sidecars=tuple(_printable_uri(u) for u in item.sidecars))
-        out.append(item)
-    return out, frozenset(_printable_uri(u) for u in listed), bad
-
-
 def _count_rows(workdir: str, run_id: str) -> int:
-    total = 0
-    for uri in _list_parts(embeddings_prefix(workdir, run_id), ".parquet"):
-        with storage.open_read(uri) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
-
-
-def live_batches(workdir: str, ledger: dict[str, LedgerEntry], model_id: str) -> Callable[[], Iterator[pa.RecordBatch]]:
-    """The live rows: for each indexed ledger entry, the rows of its (uri, etag) in the
-    parts of the run the entry names, encoded by ``model_id`` (read streaming, run by run)."""
-    by_run: dict[str, list[tuple[str, str]]] = {}
-    for e in ledger.values():
-        if e.state == "indexed":
-            by_run.setdefault(e.run_id, []).append((e.uri, e.etag))
-    readers = [
-        batch_reader(_list_parts(embeddings_prefix(workdir, run), ".parquet"), uri_etags=pairs, model_id=model_id)
-        for run, pairs in sorted(by_run.items())
-    ]
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        for read in readers:
-            yield from read()
-
-    return batches
-
-
-# ---------------------------------------------------------------- crash points (tests)
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        logger.error("%s=%s: ending the process here", CRASH_ENV, name)
-        sys.stderr.flush()
-        os._exit(CRASH_EXIT_CODE)
-
-
-@contextlib.contextmanager
-def _dag_crash_points(embeddings_uri: str) -> Iterator[None]:
-    """While the DAG runs: during_decode crashes once the first item is decoded,
-    during_write once the first embeddings file (temporary or final) exists."""
-    point = os.environ.get(CRASH_ENV)
-    if point not in ("during_decode", "during_write"):
-        yield
-        return
-    stop = threading.Event()
-
-    def has_file() -> bool:
-        try:
-            return next(iter(storage.list_objects(embeddings_uri)), None) is not None
-        except ObjectNotFoundError:
-            return False
-
-    def watch() -> None:
-        while not stop.wait(0.01):
-            s = progress.snapshot()
-            if point == "during_decode" and s["items_done"] + s["items_failed"] > 0 or point == "during_write" and has_file():
-                _crash_point(point)
-
-    thread = threading.Thread(target=watch, name="crash-point", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return count_parquet_rows(list_parts(Workdir(workdir).embeddings(run_id), ".parquet"))
 
 
 # ---------------------------------------------------------------- index versions
@@ -421,11 +307,6 @@ def _publish(workdir: str, index_root: str, manifest: mf.Manifest, snapshot_uri:
     return decision
 
 
-def _upload_progress(stage: str, done: int, total: int) -> None:
-    if stage == "upload" and done == 1:
-        _crash_point("during_upload")
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -445,7 +326,7 @@ def execute(req: RunRequest, echo: Callable[[str], None] = lambda s: None) -> Ru
                          started_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), prefix=sel.prefix,
                          since=sel.since.isoformat() if sel.since else None,
                          until=sel.until.isoformat() if sel.until else None)
-    lease = Lease(lease_uri(req.workdir), run_id, req.lease,
+    lease = Lease(Workdir(req.workdir).lease, run_id, req.lease,
                   holder=f"xmodal-index run --source {req.source} --index-name {req.index_name}")
 
     def waiting(info: LeaseInfo) -> None:
@@ -480,7 +361,7 @@ def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool =
     data = json.dumps(dataclasses.asdict(summary), indent=2).encode()
     targets = []
     if in_workdir:
-        targets.append(lambda: storage.write_bytes(storage.join(req.workdir, "runs", summary.run_id, "summary.json"), data))
+        targets.append(lambda: storage.write_bytes(Workdir(req.workdir).summary(summary.run_id), data))
     if req.summary_out:
         targets.append(lambda: storage.write_bytes(req.summary_out, data))
     for write in targets:
@@ -508,7 +389,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     cfg = req.config
     run_id = summary.run_id
     sel = req.selection
-    storage.write_bytes(storage.join(req.workdir, "runs", run_id, "config.json"), json.dumps(
+    storage.write_bytes(Workdir(req.workdir).run_config(run_id), json.dumps(
         {"source": req.source, "workdir": req.workdir, "index_name": req.index_name, "runner": req.runner,
          "beam_args": list(req.beam_args), "full": req.full, "retry_failed": req.retry_failed,
          "selection": {"prefix": sel.prefix, "since": summary.since, "until": summary.until},
@@ -517,7 +398,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
     encoder = load_encoder(cfg.encoder)
     summary.model_id = encoder.model_id
     listing = list_selection(req.source, cfg.source, sel)
-    index_root = storage.join(req.workdir, "indexes", req.index_name)
+    index_root = Workdir(req.workdir).index_root(req.index_name)
     _reconcile_published(req.workdir, index_root)
     ledger = read_ledger(req.workdir)
     current = ledger_snapshot_name(req.workdir)
@@ -554,7 +435,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
         _record_outcomes(req.workdir, run_id, todo, encoder.model_id, summary, new_entries)
         summary.rows_written = _count_rows(req.workdir, run_id)
     if summary.failed:
-        summary.deadletters = deadletter_prefix(req.workdir, run_id)
+        summary.deadletters = Workdir(req.workdir).deadletter(run_id)
 
     lease.confirm()
     snapshot = write_ledger(req.workdir, run_id, new_entries.values())
@@ -586,7 +467,7 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
                     dim=encoder.dim, bits=encoder.bits, config=cfg.index,
                     extra_files=_encoder_files(encoder, cfg, tmp),
                     metrics_extra={"run_id": run_id, "ledger_snapshot": snapshot_name(snapshot)},
-                    publish=False, progress=_upload_progress,
+                    publish=False, progress=upload_progress,
                 )
         else:
             echo(f"publishing {manifest.version}, uploaded by an earlier run that stopped before publishing it")

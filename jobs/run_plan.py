@@ -124,3 +124,23 @@ def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_
         if uri not in seen and e.state != "deleted" and (in_scope is None or in_scope(uri))
     ]
     return todo, unchanged, deleted
+
+
+def _printable_uri(uri: str) -> str:
+    """A file name that is not UTF-8 (surrogate-escaped by Python) with its bad bytes
+    written as \\xNN: Beam's coders and Parquet can carry it, and it is stable."""
+    return uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def split_unrepresentable(items: Sequence[MediaItem], listed: frozenset[str]
+                          ) -> tuple[list[MediaItem], frozenset[str], set[str]]:
+    """Give items whose names are not valid UTF-8 a printable uri; return the items,
+    the listed uris in the same form, and the printable uris of those items."""
+    out, bad = [], set()
+    for item in items:
+        fixed = _printable_uri(item.uri)
+        if fixed != item.uri:
+            bad.add(fixed)
+            item = dataclasses.replace(item, uri=fixed, sidecars=tuple(_printable_uri(u) for u in item.sidecars))
+        out.append(item)
+    return out, frozenset(_printable_uri(u) for u in listed), bad

@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.storage.lease import Lease, lease_uri
+from xmodal_index.sinks import workdir as workdir_layout
+from xmodal_index.sinks.storage.lease import Lease
 from xmodal_index.sinks.index.publish_gate import map_figures, recall_figures
 
 logger = logging.getLogger(__name__)
@@ -24,22 +24,14 @@ _INDEX_HELP = "Index root (WORKDIR/indexes/NAME), or a workdir (then WORKDIR/ind
 _NAME_HELP = "Index name under a workdir's indexes/ (ignored when --index is an index root)."
 
 
-def resolve_index_root(uri: str, index_name: str = "main") -> str:
-    """``uri`` itself when it holds LATEST or versions, else ``uri/indexes/NAME`` when that does."""
-    nested = storage.join(uri, "indexes", index_name)
-    if mf.read_latest(uri) is not None:
-        return uri
-    if mf.read_latest(nested) is not None or mf.list_versions(nested):
-        return nested
-    return uri
+resolve_index_root = workdir_layout.resolve_index_root  # the one resolver (sinks/workdir.py)
 
 
 def _workdir_lease(index_root: str, command: str) -> Lease:
     """The workdir's lease (the one `run` holds), so that promote and gc never move
     LATEST or delete files under a run that is building or publishing a version."""
-    parts = index_root.rstrip("/").rsplit("/", 2)
-    workdir = parts[0] if len(parts) == 3 and parts[1] == "indexes" else index_root
-    return Lease(lease_uri(workdir), f"{command}-{secrets.token_hex(4)}", holder=f"xmodal-index {command}")
+    workdir = workdir_layout.Workdir.of_index_root(index_root) or workdir_layout.Workdir(index_root)
+    return Lease(workdir.lease, f"{command}-{secrets.token_hex(4)}", holder=f"xmodal-index {command}")
 
 
 def _fail(command: str, err: BaseException) -> None:

@@ -23,18 +23,22 @@ from xmodal_index.pipeline.encode import EncodeSegments
 from xmodal_index.pipeline.types import DeadLetter, ItemOutcome, MediaItem
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA, embedding_schema
+from xmodal_index.sinks.workdir import Workdir
+
+
+# The layout is spelled in sinks/workdir.py; these name the folders the DAG writes.
 
 
 def embeddings_prefix(workdir: str, run_id: str) -> str:
-    return storage.join(workdir, "embeddings", f"run_id={run_id}")
+    return Workdir(workdir).embeddings(run_id)
 
 
 def deadletter_prefix(workdir: str, run_id: str) -> str:
-    return storage.join(workdir, "deadletter", f"run_id={run_id}")
+    return Workdir(workdir).deadletter(run_id)
 
 
 def outcomes_prefix(workdir: str, run_id: str) -> str:
-    return storage.join(workdir, "runs", run_id, "outcomes")
+    return Workdir(workdir).outcomes(run_id)
 
 
 def item_to_json(item: MediaItem) -> str:
@@ -102,7 +106,8 @@ class IndexArchive(beam.PTransform):
 
     def expand(self, items):
         decoded = items | "DecodeSegments" >> DecodeSegments(self._decode, isolate=self._isolate)
-        rows, encode_dead = decoded.segments | "EncodeSegments" >> EncodeSegments(self._encoder, self._run_id)
+        rows, encode_dead = decoded.segments | "EncodeSegments" >> EncodeSegments(self._encoder, self._run_id,
+                                                                                        workdir=self._workdir)
         rows | "WriteEmbeddings" >> WriteEmbeddings(self._workdir, self._run_id, self._dim, self._bits)
         dead = (decoded.deadletter, encode_dead) | "AllDeadLetters" >> beam.Flatten()
         dead | "WriteDeadLetters" >> WriteDeadLetters(self._workdir, self._run_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import posixpath
-from typing import Callable, Collection, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
+from xmodal_index.sinks.ledger import LedgerEntry
+from xmodal_index.sinks.parts import list_parts
 from xmodal_index.sinks.schema import embedding_schema
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +222,25 @@ def rows_batch(
         pa.array([None] * n, pa.string()),  # sampling
     ]
     return pa.record_batch(columns, schema=schema)
+
+
+def live_batches(workdir: str, ledger: Mapping[str, LedgerEntry], model_id: str
+                 ) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """The live rows of a workdir (sinks/ledger.py): for each indexed ledger entry, the
+    rows of its (uri, etag) in the parts of the run the entry names, encoded by
+    ``model_id``; each call reads them again, streaming, run by run."""
+    by_run: dict[str, list[tuple[str, str]]] = {}
+    for e in ledger.values():
+        if e.state == "indexed":
+            by_run.setdefault(e.run_id, []).append((e.uri, e.etag))
+    wd = Workdir(workdir)
+    readers = [
+        batch_reader(list_parts(wd.embeddings(run), ".parquet"), uri_etags=pairs, model_id=model_id)
+        for run, pairs in sorted(by_run.items())
+    ]
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for read in readers:
+            yield from read()
+
+    return batches

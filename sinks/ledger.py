@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
 from xmodal_index.sinks.schema import LEDGER_SCHEMA
+from xmodal_index.sinks.workdir import Workdir
 
 STATES = ("indexed", "failed", "deleted")
 
@@ -45,7 +46,7 @@ class LedgerEntry:
 
 
 def _root(workdir: str) -> str:
-    return storage.join(workdir, "ledger")
+    return Workdir(workdir).ledger
 
 
 def snapshot_name(snapshot_uri: str) -> str:

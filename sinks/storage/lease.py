@@ -37,10 +37,11 @@ from typing import Callable
 
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, SinkError
+from xmodal_index.sinks.workdir import LEASE, Workdir
 
 logger = logging.getLogger(__name__)
 
-LEASE_NAME = "LEASE"
+LEASE_NAME = LEASE  # WORKDIR/LEASE (sinks/workdir.py)
 
 
 class LeaseError(SinkError):
@@ -131,7 +132,7 @@ def _iso(t: float) -> str:
 
 
 def lease_uri(workdir: str) -> str:
-    return storage.join(workdir, LEASE_NAME)
+    return Workdir(workdir).lease
 
 
 # Tokens of the leases this process holds now: a lease naming this process but none
