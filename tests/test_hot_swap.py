@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.latest_file import write_latest_unchecked
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.embeddings_io import rows_batch
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle, NoServableVersionError
@@ -117,7 +118,7 @@ def test_a_tampered_version_is_refused_and_the_old_one_kept(root, caplog):
     with IndexHandle(str(root), HotSwapConfig(poll_s=60)) as handle:
         bad = publish(root, 50, seed=2, publish=False)
         tamper(root, bad)
-        mf.write_latest(str(root), bad)
+        write_latest_unchecked(str(root), bad)
         with caplog.at_level(logging.ERROR, logger="xmodal_index.sinks.serving.hot_swap"):
             assert handle.refresh() is False
         status = handle.status()
@@ -132,12 +133,12 @@ def test_a_refused_version_is_not_loaded_again_but_a_later_good_one_is(root, mon
     with IndexHandle(str(root), HotSwapConfig(poll_s=60)) as handle:
         bad = publish(root, 50, seed=2, publish=False)
         tamper(root, bad)
-        mf.write_latest(str(root), bad)
+        write_latest_unchecked(str(root), bad)
         handle.refresh()
         opened = []
         real_open = IndexVersion.open
         monkeypatch.setattr(IndexVersion, "open",
-                            lambda *a, **kw: opened.append(kw.get("version")) or real_open(*a, **kw))
+                            lambda *a, **kw: opened.append(kw["latest"].version) or real_open(*a, **kw))
         assert handle.refresh() is False
         assert opened == []
         publish(root, 60, seed=3)
@@ -190,7 +191,7 @@ def test_rollback_of_latest_to_an_older_version_is_followed(root):
     with IndexHandle(str(root), HotSwapConfig(poll_s=60)) as handle:
         publish(root, 50, seed=2)
         handle.refresh()
-        mf.write_latest(str(root), "v000001")
+        write_latest_unchecked(str(root), "v000001")
         assert handle.refresh() is True
         assert handle.status().version == "v000001"
 
@@ -229,7 +230,7 @@ def test_readers_never_fail_while_versions_swap_back_and_forth(root):
         for t in threads:
             t.start()
         for i in range(20):
-            mf.write_latest(str(root), "v000002" if i % 2 == 0 else "v000001")
+            write_latest_unchecked(str(root), "v000002" if i % 2 == 0 else "v000001")
             assert handle.refresh() is True
         stop.set()
         for t in threads:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.latest_file import write_latest_unchecked
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError
 
@@ -96,7 +97,7 @@ def test_read_latest_is_none_before_any_publish(tmp_path):
 def test_write_latest_then_read_latest(tmp_path):
     root = str(tmp_path / "idx")
     mf.write_manifest(root, _manifest("v000007", None))
-    mf.write_latest(root, "v000007")
+    write_latest_unchecked(root, "v000007")
     digest = hashlib.sha256((tmp_path / "idx" / "v000007" / "manifest.json").read_bytes()).hexdigest()
     assert (tmp_path / "idx" / "LATEST").read_text() == f"v000007 sha256:{digest}\n"
     assert mf.read_latest(root) == "v000007"

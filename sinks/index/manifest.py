@@ -23,15 +23,17 @@ import re
 from typing import Any, Mapping
 
 from xmodal_index.sinks import storage
+from xmodal_index.sinks.index import manifest_schema as schema
 from xmodal_index.sinks.index import seal
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = schema.MANIFEST_NAME
 LATEST_NAME = seal.LATEST_NAME
-FORMAT_VERSION = 1
-SHARD_KINDS = ("float", "binary")
+FORMAT_VERSION = schema.FORMAT_VERSION
+SHARD_KINDS = schema.SHARD_KINDS
+MAX_MANIFEST_BYTES = 16 << 20  # a larger manifest.json is refused unread
 # Columns of a shard's id map Parquet file, sorted by segment_id.
 ID_MAP_COLUMNS = ("segment_id", "uri", "modality", "start_s", "end_s", "text", "etag")
 # Id-map column (int64) giving each row's position in the shard's stored-vectors file.
@@ -109,21 +111,6 @@ def read_latest(index_root: str) -> str | None:
     strict read: see seal.read_latest_record)."""
     record = seal.read_latest_record(index_root)
     return None if record is None else record.version
-
-
-def write_latest(index_root: str, version: str) -> None:
-    """Point LATEST at ``version`` (an atomic replace on every backend), recording the
-    digest of its stored manifest and, with XMODAL_INDEX_SIGNING_KEY set, its HMAC.
-    (The fenced publish step supersedes this unconditional write.)"""
-    version_number(version)
-    uri = manifest_uri(index_root, version)
-    try:
-        digest = seal.manifest_digest(storage.read_bytes(uri))
-    except ObjectNotFoundError as err:
-        raise IndexVersionError(f"cannot point LATEST at {version}: no manifest at {uri!r}") from err
-    signature = seal.sign(version, digest, seal.signing_key_from_env())
-    storage.write_bytes(storage.join(index_root, LATEST_NAME), seal.format_latest(version, digest, signature).encode())
-    logger.info("LATEST of %s -> %s (manifest sha256 %s)", index_root, version, digest)
 
 
 def incomplete_versions(index_root: str) -> list[str]:
@@ -219,11 +206,6 @@ class ShardEntry:
         return out
 
 
-_REQUIRED = (
-    "version", "created_at", "model_id", "dim", "bits", "metric", "index_factory", "shards", "id_maps", "ntotal",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     """What a version holds and how it was built; ``manifest.json`` of the version."""
@@ -289,47 +271,40 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
-        missing = [key for key in _REQUIRED if key not in data]
-        if missing:
-            raise IndexVersionError(f"{source} lacks {missing}")
+        """A Manifest from its JSON object, after the strict schema check (manifest_schema)."""
+        schema.check_manifest(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
-        shard_fields = {f.name for f in dataclasses.fields(ShardEntry)}
-        try:
-            shards = tuple(ShardEntry(**{k: v for k, v in s.items() if k in shard_fields}) for s in data["shards"])
-            id_maps = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data["id_maps"])
-            files = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("files", []))
-            vectors = tuple(FileEntry(f["file"], f["sha256"], int(f["bytes"])) for f in data.get("vectors", []))
-            return cls(
-                version=str(data["version"]),
-                created_at=str(data["created_at"]),
-                parent_version=data.get("parent_version"),
-                model_id=str(data["model_id"]),
-                dim=int(data["dim"]),
-                bits=int(data["bits"]),
-                metric=str(data["metric"]),
-                index_factory=dict(data["index_factory"]),
-                shards=shards,
-                id_maps=id_maps,
-                files=files,
-                ntotal=int(data["ntotal"]),
-                metrics=dict(data.get("metrics", {})),
-                search_params=dict(data.get("search_params", {})),
-                build_config=dict(data.get("build_config", {})),
-                vectors=vectors,
-                index_choice=dict(data.get("index_choice", {})),
-                build_stats=dict(data.get("build_stats", {})),
-                format=int(data.get("format", FORMAT_VERSION)),
-                extra={k: v for k, v in data.items() if k not in known},
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise IndexVersionError(f"{source} is malformed: {err}") from err
+
+        def entries(key: str) -> tuple[FileEntry, ...]:
+            return tuple(FileEntry(f["file"], f["sha256"], f["bytes"]) for f in data.get(key, []))
+
+        return cls(
+            version=data["version"],
+            created_at=data["created_at"],
+            parent_version=data.get("parent_version"),
+            model_id=data["model_id"],
+            dim=data["dim"],
+            bits=data["bits"],
+            metric=data["metric"],
+            index_factory=dict(data["index_factory"]),
+            shards=tuple(ShardEntry(**s) for s in data["shards"]),
+            id_maps=entries("id_maps"),
+            files=entries("files"),
+            ntotal=data["ntotal"],
+            metrics=dict(data.get("metrics", {})),
+            search_params=dict(data.get("search_params", {})),
+            build_config=dict(data.get("build_config", {})),
+            vectors=entries("vectors"),
+            index_choice=dict(data.get("index_choice", {})),
+            build_stats=dict(data.get("build_stats", {})),
+            format=data.get("format", FORMAT_VERSION),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise IndexVersionError(f"{source} is not valid JSON: {err}") from err
+        """Parse strictly (no duplicate keys, NaN or deep nesting), then check the schema."""
+        data = schema.parse_json(text, source)
         if not isinstance(data, dict):
             raise IndexVersionError(f"{source} is not a JSON object")
         return cls.from_dict(data, source)
@@ -351,12 +326,27 @@ def manifest_uri(index_root: str, version: str) -> str:
 
 def read_manifest(index_root: str, version: str) -> Manifest:
     """The manifest of one version; IndexVersionError when the version is absent or incomplete."""
+    return parse_manifest(read_manifest_data(index_root, version), index_root, version)
+
+
+def read_manifest_data(index_root: str, version: str) -> bytes:
+    """The bytes of one version's manifest.json as stored (at most MAX_MANIFEST_BYTES);
+    IndexVersionError when the version is absent, incomplete or the file too large."""
     version_number(version)
     uri = manifest_uri(index_root, version)
     try:
-        data = storage.read_bytes(uri)
+        with storage.open_read(uri) as f:
+            data = seal.read_at_most(f, MAX_MANIFEST_BYTES + 1)
     except ObjectNotFoundError as err:
         raise IndexVersionError(f"version {version} has no manifest at {uri!r} (missing or interrupted build)") from err
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise IndexVersionError(f"{uri!r} is larger than {MAX_MANIFEST_BYTES} bytes; refusing it")
+    return data
+
+
+def parse_manifest(data: bytes, index_root: str, version: str) -> Manifest:
+    """Parse and check manifest bytes read from ``version`` of ``index_root``."""
+    uri = manifest_uri(index_root, version)
     manifest = Manifest.from_json(data, source=uri)
     if manifest.version != version:
         raise IndexVersionError(f"{uri!r} describes version {manifest.version!r}, not {version!r}")
@@ -386,6 +376,7 @@ def write_manifest(index_root: str, manifest: Manifest) -> str:
     XMODAL_INDEX_SIGNING_KEY is set); returns the manifest's URI."""
     uri = manifest_uri(index_root, manifest.version)
     data = manifest.to_json().encode("utf-8")
+    Manifest.from_json(data, source=f"the manifest of {manifest.version} being written")  # the schema readers apply
     storage.write_bytes(uri, data)
     digest = seal.manifest_digest(data)
     seal.write_seal(index_root, manifest.version, digest, seal.sign(manifest.version, digest, seal.signing_key_from_env()))

@@ -27,6 +27,7 @@ import hmac
 import os
 import re
 import stat
+from typing import IO
 
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, StorageError
@@ -124,6 +125,21 @@ def parse_latest(text: str | bytes) -> LatestRecord:
     return LatestRecord(match.group(1), match.group(2), match.group(3))
 
 
+def read_at_most(f: IO[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes of ``f``; a buffered reader is read through its raw
+    stream so that no more than ``limit`` bytes are ever requested."""
+    raw = getattr(f, "raw", f)
+    parts: list[bytes] = []
+    got = 0
+    while got < limit:
+        chunk = raw.read(min(limit - got, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def _read_bounded(uri: str, what: str) -> bytes | None:
     """At most MAX_RECORD_BYTES of a small record; None when absent. A local symlink,
     a non-regular file or a larger object is refused."""
@@ -131,8 +147,7 @@ def _read_bounded(uri: str, what: str) -> bytes | None:
     if storage.is_s3(uri):
         try:
             with storage.open_read(uri) as f:
-                raw = getattr(f, "raw", f)  # read through the unbuffered reader: at most limit + 1 bytes
-                data = raw.read(limit + 1) or b""
+                data = read_at_most(f, limit + 1)
         except ObjectNotFoundError:
             return None
     else:

@@ -10,8 +10,13 @@ swapped out stays open until its last reader releases it, then it is closed.
 
 A version that fails verification, or whose ``prepare`` fails, is refused: the
 handle keeps serving the version it has, logs why, lists the refusal in
-:meth:`IndexHandle.status`, and does not try that version again. Storage errors
-(an unreachable bucket) are not refusals: the next poll tries again.
+:meth:`IndexHandle.status`, and does not try it again. Refusals are remembered by
+the manifest digest LATEST records, not by version name: a version number published
+again with another manifest is examined afresh. Storage errors (an unreachable
+bucket) are not refusals: the next poll tries again.
+
+What the status carries about LATEST is only the parsed, bounded version name or a
+short, sanitised reason (seal.read_latest_record): never LATEST's raw content.
 
 While a new version loads, the old one is still in memory: a swap needs room for
 both. Beam-free and torch-free, like the loader.
@@ -27,6 +32,7 @@ import threading
 from typing import Any, Callable, Iterator, Mapping
 
 from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.index import seal
 from xmodal_index.sinks.errors import IndexVersionError, SinkError
 from xmodal_index.sinks.serving.loader import IndexVersion
 
@@ -43,12 +49,15 @@ class HotSwapConfig:
 
     poll_s: seconds between two reads of LATEST. version: serve this version only
     (no polling, no swaps). cache_dir: where remote versions are fetched (None: the
-    loader's default; local index roots are read in place).
+    loader's default; local index roots are read in place). keep_versions: cached
+    versions kept per index (None: $XMODAL_INDEX_CACHE_KEEP or 2; the served one and
+    one being replaced are always kept).
     """
 
     poll_s: float = 30.0
     version: str | None = None
     cache_dir: str | None = None
+    keep_versions: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.poll_s, (int, float)) and math.isfinite(self.poll_s) and self.poll_s > 0):
@@ -57,7 +66,10 @@ class HotSwapConfig:
             try:
                 mf.version_number(self.version)
             except IndexVersionError as err:
-                raise ValueError(f"{self.version = } is not a version name such as v000003") from err
+                raise ValueError(f"self.version = {seal.sanitise(str(self.version))} is not a version name "
+                                 "such as v000003") from err
+        if self.keep_versions is not None and (type(self.keep_versions) is not int or self.keep_versions < 1):
+            raise ValueError(f"{self.keep_versions = } must be an integer >= 1")
 
 
 class Served:
@@ -97,8 +109,18 @@ class HandleStatus:
     loaded_at: str | None
     pinned: bool
     last_check_at: str | None
-    last_error: str | None  # why nothing is served, or why the last poll failed
-    refused: Mapping[str, str]  # version -> why it was not swapped in
+    last_error: str | None  # why nothing is served, or why the last poll failed (one short line)
+    refused: Mapping[str, str]  # version -> why it was not swapped in (the latest MAX_REFUSALS_SHOWN)
+
+
+MAX_REASON_CHARS = 300  # a refusal or error reason kept in the status
+MAX_REFUSALS_SHOWN = 16  # versions listed in status().refused
+MAX_REFUSALS_KEPT = 1024  # manifest digests remembered as refused
+
+
+def _short(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 # prepare(new_version, currently_served_or_None) -> the object kept in Served.extra
@@ -115,7 +137,8 @@ class IndexHandle:
         self._lock = threading.Lock()  # guards _current, reader counts, _refused, _last_*
         self._refresh_lock = threading.Lock()  # one load at a time
         self._current: Served | None = None
-        self._refused: dict[str, str] = {}
+        self._refused: dict[str, str] = {}  # version -> why (shown in status, newest last)
+        self._refused_keys: dict[str, str] = {}  # manifest digest (or LATEST record) -> version, newest last
         self._last_error: str | None = None
         self._last_check_at: str | None = None
         self._stop = threading.Event()
@@ -131,7 +154,7 @@ class IndexHandle:
         served yet: acquire() raises NoServableVersionError until a version loads.
         """
         if self.config.version is not None:
-            self._swap(self._load(self.config.version))
+            self._swap(self._load(version=self.config.version))
             return self
         self.refresh()
         self._thread = threading.Thread(target=self._poll_loop, name="index-hot-swap", daemon=True)
@@ -213,36 +236,38 @@ class IndexHandle:
         with self._refresh_lock:
             self._last_check_at = mf.utc_now_iso()
             try:
-                target = mf.read_latest(self.index_root)
+                record = seal.read_latest_record(self.index_root)
             except SinkError as err:
                 self._note_error(f"cannot read LATEST: {err}")
                 return False
-            if target is None:
+            if record is None:
                 self._note_error(f"nothing is published under {self.index_root!r} (no LATEST)")
                 return False
             current = self.current
-            if current is not None and current.version == target:
+            if current is not None and record.digest is not None and current.index.digest == record.digest:
                 return False
-            if target in self._refused:
+            key = record.digest or f"{record.version} without digest"
+            if key in self._refused_keys:
                 return False
             try:
-                new = self._load(target)
+                new = self._load(latest=record)
             except IndexVersionError as err:
-                self._refuse(target, str(err))
+                self._refuse(record.version, key, str(err))
                 return False
             except Exception as err:  # noqa: BLE001 - storage or I/O trouble: try again at the next poll
-                self._note_error(f"cannot load {target} yet ({type(err).__name__}: {err}); will retry")
+                self._note_error(f"cannot load {record.version} yet ({type(err).__name__}: {err}); will retry")
                 return False
             self._swap(new)
             return True
 
-    def _load(self, version: str) -> Served:
-        index = IndexVersion.open(self.index_root, version=version, cache_dir=self.config.cache_dir)
+    def _load(self, *, version: str | None = None, latest: seal.LatestRecord | None = None) -> Served:
+        index = IndexVersion.open(self.index_root, version=version, cache_dir=self.config.cache_dir, latest=latest,
+                                  keep_versions=self.config.keep_versions)
         try:
             extra = self._prepare(index, self.current) if self._prepare is not None else None
         except Exception as err:
             index.close()
-            raise IndexVersionError(f"version {version}: preparing it for queries failed: "
+            raise IndexVersionError(f"version {index.version}: preparing it for queries failed: "
                                     f"{type(err).__name__}: {err}") from err
         return Served(index, extra, mf.utc_now_iso())
 
@@ -274,16 +299,24 @@ class IndexHandle:
         except Exception:  # noqa: BLE001 - closing must not take down a reader or the poller
             logger.exception("closing index version %s failed", served.version)
 
-    def _refuse(self, version: str, why: str) -> None:
+    def _refuse(self, version: str, key: str, why: str) -> None:
+        why = _short(why)
         current = self.current
         keep = f"still serving {current.version}" if current else "nothing is served"
         logger.error("refusing index version %s of %s: %s; %s", version, self.index_root, why, keep)
         with self._lock:
+            self._refused.pop(version, None)
             self._refused[version] = why
+            while len(self._refused) > MAX_REFUSALS_SHOWN:
+                del self._refused[next(iter(self._refused))]
+            self._refused_keys[key] = version
+            while len(self._refused_keys) > MAX_REFUSALS_KEPT:
+                del self._refused_keys[next(iter(self._refused_keys))]
             if current is None:
                 self._last_error = f"version {version} was refused: {why}"
 
     def _note_error(self, why: str) -> None:
+        why = _short(why)
         with self._lock:
             repeated, self._last_error = self._last_error == why, why
         if not repeated:  # a poll that keeps failing the same way is logged once

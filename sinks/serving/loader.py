@@ -22,13 +22,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
-import math
 import os
-import shutil
-import tempfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
@@ -36,8 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.index import seal
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError, ObjectNotFoundError
+from xmodal_index.sinks.serving import cache
+from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
 from xmodal_index.sinks.schema import MODALITIES
 from xmodal_index.sinks.index.search import (
     RERANK_PARAM, StoredVectors, apply_search_params, rerank_search, two_stage_search,
@@ -45,8 +43,9 @@ from xmodal_index.sinks.index.search import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "XMODAL_INDEX_CACHE"
+CACHE_ENV = cache.CACHE_ENV
 _MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY
+_FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,68 +61,46 @@ class Hit:
     text: str | None
 
 
-# ---------------------------------------------------------------- fetching and verification
+# ---------------------------------------------------------------- the sealed manifest
 
 
-def _default_cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "xmodal-index")
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _cache_key(index_root: str) -> str:
-    name = index_root.rstrip("/").rsplit("/", 1)[-1] or "index"
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return f"{safe}-{hashlib.sha256(index_root.encode()).hexdigest()[:12]}"
+def sealed_manifest(index_root: str, version: str | None = None,
+                    latest: seal.LatestRecord | None = None) -> tuple[mf.Manifest, str]:
+    """The manifest of ``version`` (default: the one LATEST names) and its digest,
+    after checking its sha256 against LATEST (or the version's SEAL when a version is
+    named), its HMAC when ``XMODAL_INDEX_SIGNING_KEY`` is set, and the schema; in that
+    order, before any other file of the version is fetched.
 
-
-def _fetch(uri: str, dest: str) -> None:
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".fetch-")
-    try:
-        with os.fdopen(fd, "wb") as out, storage.open_read(uri) as src:
-            shutil.copyfileobj(src, out, length=1 << 22)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _mismatch(entry: mf.FileEntry, path: str) -> str | None:
-    """Why the local file does not match its manifest entry, or None when it does."""
-    if not os.path.isfile(path):
-        return "is missing"
-    size = os.path.getsize(path)
-    if size != entry.bytes:
-        return f"has {size} bytes, the manifest says {entry.bytes}"
-    digest = mf.sha256_file(path)
-    if digest != entry.sha256:
-        return f"has sha256 {digest}, the manifest says {entry.sha256}"
-    return None
-
-
-def _materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -> str:
-    """A local directory holding every listed file, each verified against the manifest."""
-    version = manifest.version
-    in_place = cache_dir is None and not storage.is_s3(index_root)
-    if in_place:
-        root = index_root[len("file://"):] if index_root.startswith("file://") else index_root
-        local_dir = os.path.join(root, version)
+    ``latest``: a LATEST record the caller already read (the hot-swap poller).
+    """
+    if version is None:
+        record = latest if latest is not None else seal.read_latest_record(index_root)
+        if record is None:
+            raise IndexVersionError(f"no published index version under {index_root!r} (no LATEST)")
+        version, digest, signature, where = record.version, record.digest, record.signature, "LATEST"
+        if digest is None:
+            raise IndexVersionError(f"LATEST of {index_root!r} names {version} without a manifest digest (written by "
+                                    f"an older release); republish it: `xmodal-index promote {version} --index ...`")
     else:
-        local_dir = os.path.join(cache_dir or _default_cache_dir(), _cache_key(index_root), version)
-    for entry in manifest.all_files():
-        path = os.path.join(local_dir, entry.file)
-        uri = storage.join(index_root, version, entry.file)
-        problem = _mismatch(entry, path)
-        if problem is not None and not in_place:  # not cached yet, or a damaged cached copy
-            try:
-                _fetch(uri, path)
-            except ObjectNotFoundError as err:
-                raise ChecksumMismatchError(f"version {version}: {entry.file!r} listed in the manifest is missing "
-                                            f"({uri})") from err
-            problem = _mismatch(entry, path)
-        if problem is not None:
-            raise ChecksumMismatchError(f"version {version}: {entry.file!r} {problem} ({uri}); refusing to serve it")
-    return local_dir
+        mf.version_number(version)
+        digest, signature = seal.read_seal(index_root, version)
+        where = f"{version}/SEAL"
+    data = mf.read_manifest_data(index_root, version)
+    actual = seal.manifest_digest(data)
+    if actual != digest:
+        raise ChecksumMismatchError(f"version {version}: manifest.json has sha256 {actual}, {where} says {digest}; "
+                                    "refusing to serve it")
+    key = seal.signing_key_from_env()
+    if key is not None and not seal.verify_signature(version, digest, signature, key):
+        state = "no" if signature is None else "a wrong"
+        raise IndexVersionError(f"version {version}: {where} carries {state} hmac-sha256 signature and "
+                                f"{seal.SIGNING_KEY_ENV} is set on this node; refusing to serve it")
+    return mf.parse_manifest(data, index_root, version), digest
 
 
 # ---------------------------------------------------------------- stored vectors and re-ranking
@@ -160,10 +137,13 @@ class IndexVersion:
     """One verified, loaded index version. Use ``IndexVersion.open``."""
 
     def __init__(self, index_root: str, manifest: mf.Manifest, local_dir: str,
-                 shards: list[_Shard], id_maps: dict[str, _IdMap]) -> None:
+                 shards: list[_Shard], id_maps: dict[str, _IdMap], digest: str | None = None) -> None:
         self.index_root = index_root
         self.manifest = manifest
         self.local_dir = local_dir
+        self.digest = digest  # sha256 of the manifest.json this version was opened from
+        cache.hold(local_dir)
+        self._held = True
         self._shards = shards
         self._id_maps = id_maps
         workers = max(1, min(len(shards), os.cpu_count() or 1))
@@ -187,26 +167,57 @@ class IndexVersion:
         return mf.read_latest(index_root)
 
     @classmethod
-    def open(cls, index_root: str, version: str | None = None, cache_dir: str | None = None) -> "IndexVersion":
+    def open(cls, index_root: str, version: str | None = None, cache_dir: str | None = None, *,
+             latest: seal.LatestRecord | None = None, keep_versions: int | None = None) -> "IndexVersion":
         """Load ``version`` (default: the one LATEST names) after verifying every file.
 
-        Raises IndexVersionError when nothing is published or the manifest is absent,
-        ChecksumMismatchError when any listed file is missing or altered.
+        The manifest is checked first (see :func:`sealed_manifest`); then every listed
+        file is fetched and verified (sinks.serving.cache), then loaded and checked
+        against the manifest. Versions fetched into a cache are pruned to the
+        ``keep_versions`` most recently opened (default ``$XMODAL_INDEX_CACHE_KEEP`` or 2).
+
+        Raises IndexVersionError when nothing is published, the manifest is absent or
+        refused, ChecksumMismatchError when it or any listed file is altered.
         """
-        if version is None:
-            version = mf.read_latest(index_root)
-            if version is None:
-                raise IndexVersionError(f"no published index version under {index_root!r} (no LATEST)")
-        manifest = mf.read_manifest(index_root, version)
-        local_dir = _materialise(index_root, manifest, cache_dir)
+        keep = cache.keep_versions_from_env() if keep_versions is None else keep_versions
+        if keep < 1:
+            raise ValueError(f"{keep_versions = } must be >= 1")
+        manifest, digest = sealed_manifest(index_root, version, latest)
+        version = manifest.version
+        local_dir = cache.materialise(index_root, manifest, cache_dir)
+        try:
+            id_maps = cls._read_id_maps(local_dir, manifest)
+        except IndexVersionError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a verified but unreadable file refuses the version
+            raise IndexVersionError(f"version {version}: cannot read its id maps: "
+                                    f"{_one_line(f'{type(err).__name__}: {err}')}") from err
+        shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry)) for entry in manifest.shards]
+        for shard in shards:
+            rows = len(id_maps[shard.entry.id_map].ids)
+            if rows != shard.entry.ntotal:
+                raise IndexVersionError(f"version {version}: id map {shard.entry.id_map!r} has {rows} rows, shard "
+                                        f"{shard.entry.file!r} holds {shard.entry.ntotal}")
+        logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
+                    manifest.ntotal, len(shards), ",".join(manifest.modalities))
+        opened = cls(index_root, manifest, local_dir, shards, id_maps, digest=digest)
+        if cache_dir is not None or storage.is_s3(index_root):  # fetched into a cache, not read in place
+            cache.prune(os.path.dirname(local_dir), keep)
+        return opened
+
+    @staticmethod
+    def _read_id_maps(local_dir: str, manifest: mf.Manifest) -> dict[str, "_IdMap"]:
+        version = manifest.version
         vectors_of = {s.id_map: s.vectors for s in manifest.shards if s.vectors}
         id_maps = {}
         for entry in manifest.id_maps:
-            table = pq.read_table(os.path.join(local_dir, entry.file), memory_map=True)
+            table = pq.read_table(cache.file_path(local_dir, entry.file), memory_map=True)
             ids = table.column("segment_id").to_numpy()
             if len(ids) > 1 and np.any(ids[1:] <= ids[:-1]):
                 order = np.argsort(ids, kind="stable")
                 table, ids = table.take(pa.array(order)), ids[order]
+                if np.any(ids[1:] == ids[:-1]):
+                    raise IndexVersionError(f"version {version}: id map {entry.file!r} repeats a segment id")
             # One chunk per column: taking hit rows from many row-group chunks costs ms per query.
             id_map = _IdMap(ids, table.combine_chunks())
             if entry.file in vectors_of:
@@ -214,16 +225,13 @@ class IndexVersion:
                     raise IndexVersionError(f"version {version}: id map {entry.file!r} lacks the "
                                             f"{mf.VECTOR_ROW_COLUMN!r} column its stored vectors need")
                 rows = table.column(mf.VECTOR_ROW_COLUMN).to_numpy()
-                id_map.vectors = StoredVectors.open(os.path.join(local_dir, vectors_of[entry.file]), ids, rows)
+                id_map.vectors = StoredVectors.open(cache.file_path(local_dir, vectors_of[entry.file]), ids, rows)
             id_maps[entry.file] = id_map
-        shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry)) for entry in manifest.shards]
-        logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
-                    manifest.ntotal, len(shards), ",".join(manifest.modalities))
-        return cls(index_root, manifest, local_dir, shards, id_maps)
+        return id_maps
 
     @staticmethod
     def _read_shard(local_dir: str, manifest: mf.Manifest, entry: mf.ShardEntry) -> Any:
-        path = os.path.join(local_dir, entry.file)
+        path = cache.file_path(local_dir, entry.file)
         binary = entry.kind == "binary"
         read = faiss.read_index_binary if binary else faiss.read_index
         try:
@@ -232,11 +240,15 @@ class IndexVersion:
             except RuntimeError:
                 index = read(path)
         except RuntimeError as err:
-            raise IndexVersionError(f"version {manifest.version}: cannot read shard {entry.file!r}: {err}") from err
+            raise IndexVersionError(f"version {manifest.version}: cannot read shard {entry.file!r}: "
+                                    f"{_one_line(str(err))}") from err
         want_d = manifest.bits if binary else manifest.dim
         if index.d != want_d or index.ntotal != entry.ntotal:
             raise IndexVersionError(f"version {manifest.version}: shard {entry.file!r} holds {index.ntotal} vectors "
                                     f"of dimension {index.d}, the manifest says {entry.ntotal} of {want_d}")
+        if not binary and index.metric_type != _FAISS_METRICS[manifest.metric]:
+            raise IndexVersionError(f"version {manifest.version}: shard {entry.file!r} has faiss metric "
+                                    f"{index.metric_type}, the manifest says {manifest.metric!r}")
         apply_search_params(index, entry.search_params or manifest.search_params, binary)
         return index
 
@@ -245,7 +257,7 @@ class IndexVersion:
         if name not in {f.file for f in self.manifest.files}:
             listed = [f.file for f in self.manifest.files]
             raise IndexVersionError(f"version {self.version} has no extra file {name!r}; it has {listed}")
-        return os.path.join(self.local_dir, name)
+        return cache.file_path(self.local_dir, name)
 
     # ------------------------------------------------------------ search
 
@@ -386,6 +398,9 @@ class IndexVersion:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._shards = []
+        if self._held:
+            self._held = False
+            cache.release(self.local_dir)
 
     def __enter__(self) -> "IndexVersion":
         return self
