@@ -35,11 +35,13 @@ th{color:#555;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular
 .badge{display:inline-block;padding:1px 9px;border-radius:10px;font-size:12px;font-weight:600;color:#fff}
 .ok{background:#2e7d32}.bad{background:#c62828}.warn{background:#ef6c00}.muted{background:#78909c}
 .grid{display:flex;flex-wrap:wrap;gap:16px}.grid>div{flex:1 1 300px}.grid>div.wide{flex:2 1 420px}
-img.plot{width:100%;max-width:640px;height:auto}
+.tiles{display:flex;flex-wrap:wrap;gap:8px;margin-bottom:8px}.tile{background:#f0f2f5;border-radius:6px;padding:6px 12px;min-width:84px}
+.tile .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}.tile .k{font-size:11px;color:#555}.tile.failed .v{color:#c62828}
+.grid>div>section{margin:0;height:100%;box-sizing:border-box}img.plot{width:100%;max-width:640px;height:auto}
 pre{background:#f0f2f5;padding:8px 10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:12px}
 .hits{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 14px}
-.hit{width:200px;border:1px solid #dde1e6;border-radius:6px;padding:6px;font-size:12px;background:#fafbfc}
-.hit img{display:block;width:100%;height:120px;object-fit:contain;background:#222;border-radius:4px}
+.hit{width:140px;border:1px solid #dde1e6;border-radius:6px;padding:6px;font-size:12px;background:#fafbfc}
+.hit img{display:block;width:100%;height:104px;object-fit:contain;background:#222;border-radius:4px}
 .hit audio{width:100%;height:32px;margin-top:4px}.uri{word-break:break-all;color:#333}
 .msg{color:#444;font-size:12px;word-break:break-word}.q{font-weight:600}
 """
@@ -97,8 +99,10 @@ def _counts(d: ReportData) -> str:
     keys = ("inputs_total", "indexed", "unchanged", "failed", "deleted", "skipped_by_range", "segments", "rows_written")
     covered = _badge(d.dead_letters_cover_failures, "every failed input has a dead letter",
                      f"only {d.dead_letter_uris} of {s.get('failed')} failed inputs have a dead letter")
-    return (f"<section><h2>Counts</h2><p>{_badge(holds, 'invariant holds', 'invariant broken')} <code>{esc(text)}</code>"
-            f" &nbsp; {covered}</p><table>{_rows(((k, s.get(k, '?')) for k in keys), numeric=True)}</table></section>")
+    tiles = "".join(f'<div class="tile{" failed" if k == "failed" and s.get(k) else ""}"><div class="v">{esc(s.get(k, "?"))}'
+                    f'</div><div class="k">{esc(k)}</div></div>' for k in keys)
+    return (f"<section><h2>Counts</h2><div class='tiles'>{tiles}</div><p>{_badge(holds, 'invariant holds', 'invariant broken')}"
+            f" <code>{esc(text)}</code> &nbsp; {covered}</p></section>")
 
 
 def _timing(d: ReportData) -> str:
@@ -108,9 +112,9 @@ def _timing(d: ReportData) -> str:
     if series and start is not None:
         done = [i.finished_at - start for i in d.items if i.ok and i.finished_at]
         failed = [i.finished_at - start for i in d.items if not i.ok and i.finished_at]
-        parts.append(_plot(throughput_plot(series, done, failed), "throughput over time"))
+        parts.append(f"<div>{_plot(throughput_plot(series, done, failed), 'throughput over time')}</div>")
     if d.phases:
-        parts.append(_plot(phases_plot([(p.name, p.start_s, p.seconds) for p in d.phases]), "run phases"))
+        parts.append(f"<div>{_plot(phases_plot([(p.name, p.start_s, p.seconds) for p in d.phases]), 'run phases')}</div>")
     by_kind: dict[str, list[float]] = {}
     for i in d.items:
         if i.ok:
@@ -121,11 +125,11 @@ def _timing(d: ReportData) -> str:
     table = "".join(f"<tr><td>{esc(k)}</td><td class='n'>{n}</td><td class='n'>{m:.1f}</td><td class='n'>{t:.2f}</td>"
                     f"<td class='n'>{(m / t if t > 0 and m > 0 else 0):.1f}</td></tr>" for k, (n, m, t) in sorted(by_kind.items()))
     if table:
-        parts.append("<table><tr><th>kind</th><th>items</th><th>media s</th><th>decoder s</th>"
-                     f"<th>media s per decoder s</th></tr>{table}</table>")
+        parts.append("<div><table><tr><th>kind</th><th>items</th><th>media s</th><th>decoder s</th>"
+                     f"<th>media s per decoder s</th></tr>{table}</table></div>")
     if not parts:
         parts.append("<p>No timing recorded (the run processed no items).</p>")
-    return "<section><h2>Throughput and timing</h2>" + "".join(parts) + "</section>"
+    return "<section><h2>Throughput and timing</h2><div class='grid'>" + "".join(parts) + "</div></section>"
 
 
 def _failures(d: ReportData) -> str:
@@ -141,11 +145,11 @@ def _failures(d: ReportData) -> str:
                            for uri, msg in g.examples)
         groups.append(f"<tr><td>{esc(g.stage)}</td><td>{esc(g.error_type)}</td><td class='n'>{g.count}</td>"
                       f"<td><ul>{examples}</ul></td></tr>")
-    side = "".join(f"<div><table><tr><th>{esc(title)}</th><th>failed</th></tr>"
-                   + "".join(f"<tr><td>{esc(k)}</td><td class='n'>{v}</td></tr>" for k, v in counts.items())
-                   + "</table></div>"
-                   for title, counts in (("container (extension)", d.failures_by_container),
-                                         ("codec (named by the decoder)", d.failures_by_codec)))
+    side = "<div>" + "".join(f"<table><tr><th>{esc(title)}</th><th>failed</th></tr>"
+                             + "".join(f"<tr><td>{esc(k)}</td><td class='n'>{v}</td></tr>" for k, v in counts.items())
+                             + "</table>"
+                             for title, counts in (("container (extension)", d.failures_by_container),
+                                                   ("codec (named by the decoder)", d.failures_by_codec))) + "</div>"
     plot = _plot(counts_plot(by_stage, "failed items", color_by_name=False, color=FAIL), "failures by stage")
     retry = ""
     if d.retry_command:
@@ -197,7 +201,7 @@ def _hit(h: Any) -> str:
     name = h.uri.rsplit("/", 1)[-1]
     color = COLORS.get(h.modality, "#333")
     return (f'<div class="hit">{media}<div><b style="color:{color}">{esc(h.modality)}</b> '
-            f"{h.start_s:.2f}&ndash;{h.end_s:.2f} s &middot; score {h.score:.3f}</div>"
+            f"{h.start_s:.2f}&ndash;{h.end_s:.2f} s</div><div>score {h.score:.3f}</div>"
             f'<div class="uri" title="{esc(h.uri)}">{esc(name)}</div>{text}</div>')
 
 
@@ -219,7 +223,8 @@ def _notes(d: ReportData) -> str:
 
 def render(d: ReportData) -> str:
     """The whole report page."""
-    body = "".join([_header(d), _counts(d), _timing(d), _failures(d), _segments(d), _version(d), _samples(d), _notes(d)])
+    index = f"<div class='grid'><div>{_version(d)}</div><div>{_segments(d)}</div></div>"
+    body = "".join([_header(d), _counts(d), _failures(d), index, _samples(d), _timing(d), _notes(d)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
