@@ -30,14 +30,10 @@ from xmodal_index.jobs.report_failures import (
     job_config,
     retry_command,
 )
-from xmodal_index.pipeline.dag import (
-    deadletter_prefix,
-    embeddings_prefix,
-    outcomes_prefix,
-)
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
 from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +131,11 @@ class ReportData:
         return started + dag.start_s if started is not None and dag is not None else None
 
 
-def normalise_workdir(workdir: str) -> str:
-    """s3:// URIs as given; local paths and file:// URIs as absolute paths."""
-    if storage.is_s3(workdir):
-        return workdir.rstrip("/")
-    path = workdir.removeprefix("file://")
-    return os.path.abspath(path)
-
-
 def list_runs(workdir: str) -> list[str]:
     """Run ids that left a config or a summary under WORKDIR/runs, oldest first."""
     runs: set[str] = set()
     try:
-        for obj in storage.list_objects(storage.join(workdir, "runs"), include=("*/summary.json", "*/config.json")):
+        for obj in storage.list_objects(Workdir(workdir).runs_root, include=("*/summary.json", "*/config.json")):
             runs.add(obj.uri.replace(os.sep, "/").rstrip("/").split("/")[-2])
     except ObjectNotFoundError:
         return []
@@ -158,11 +146,11 @@ def resolve_run(workdir: str, run: str | None) -> str:
     """The run id named by ``run`` ("latest" or None: the newest run of the workdir)."""
     runs = list_runs(workdir)
     if not runs:
-        raise ReportError(f"no runs in {storage.join(workdir, 'runs')!r}")
+        raise ReportError(f"no runs in {Workdir(workdir).runs_root!r}")
     if run in (None, "latest"):
         return runs[-1]
     if run not in runs:
-        raise ReportError(f"no run {run!r} in {storage.join(workdir, 'runs')!r} (newest: {', '.join(runs[-3:])})")
+        raise ReportError(f"no run {run!r} in {Workdir(workdir).runs_root!r} (newest: {', '.join(runs[-3:])})")
     return run
 
 
@@ -244,16 +232,16 @@ def _mtime(uri: str) -> float | None:
         return None
 
 
-def _phases(workdir: str, run_id: str, summary: dict[str, Any], dag_end: float | None, version_mtime: float | None) -> list[Phase]:
+def _phases(workdir: Workdir, run_id: str, summary: dict[str, Any], dag_end: float | None, version_mtime: float | None) -> list[Phase]:
     """Run phases from when the run's files were written: planning (until the work list),
     the Beam DAG (until its last part file), the ledger commit, the index version, the rest."""
     start = _epoch(summary.get("started_at"))
     if start is None:
         return []
     end = start + float(summary.get("wall_s") or 0.0)
-    marks = [("list + plan", _mtime(storage.join(workdir, "runs", run_id, "worklist.jsonl"))),
+    marks = [("list + plan", _mtime(workdir.worklist(run_id))),
              ("decode + encode + write (Beam)", dag_end),
-             ("ledger commit", _mtime(storage.join(workdir, "ledger", f"ledger-{run_id}.parquet"))),
+             ("ledger commit", _mtime(storage.join(workdir.ledger, f"ledger-{run_id}.parquet"))),
              ("index build + upload", version_mtime),
              ("publish + summary", end if summary.get("wall_s") else None)]
     phases, t = [], start
@@ -267,30 +255,29 @@ def _phases(workdir: str, run_id: str, summary: dict[str, Any], dag_end: float |
 
 def gather(workdir: str, run_id: str | None = None) -> ReportData:
     """Everything the report shows about one run (the newest when ``run_id`` is None)."""
-    workdir = normalise_workdir(workdir)
-    run_id = resolve_run(workdir, run_id)
-    run_dir = storage.join(workdir, "runs", run_id)
+    wd = Workdir(workdir)
+    run_id = resolve_run(wd.uri, run_id)
     notes: list[str] = []
-    summary = _read_json(storage.join(run_dir, "summary.json"), notes)
-    config = _read_json(storage.join(run_dir, "config.json"), notes)
+    summary = _read_json(wd.summary(run_id), notes)
+    config = _read_json(wd.run_config(run_id), notes)
     summary.setdefault("run_id", run_id)
-    summary.setdefault("workdir", workdir)
+    summary.setdefault("workdir", wd.uri)
     summary.setdefault("index_name", config.get("index_name", "main"))
 
     kinds: dict[str, str] = {}
     try:
-        for item in _jsonl([storage.stat(storage.join(run_dir, "worklist.jsonl"))]):
+        for item in _jsonl([storage.stat(wd.worklist(run_id))]):
             kinds[item["uri"]] = item.get("kind", "?")
     except ObjectNotFoundError:
         pass
-    outcome_parts = _parts(outcomes_prefix(workdir, run_id), ".jsonl")
+    outcome_parts = _parts(wd.outcomes(run_id), ".jsonl")
     items = [ItemTiming(o["uri"], kinds.get(o["uri"], "?"), True, float(o.get("finished_at") or 0.0),
                         float(o.get("media_s") or 0.0), float(o.get("decode_s") or 0.0))
              for o in _jsonl(outcome_parts)]
     if items and not any(i.finished_at for i in items):
         notes.append("this run's outcome files record no per-item times (written before they did): no throughput plot")
 
-    dead_parts = _parts(deadletter_prefix(workdir, run_id), ".parquet")
+    dead_parts = _parts(wd.deadletter(run_id), ".parquet")
     dead: list[dict[str, Any]] = []
     for obj in dead_parts:
         with storage.open_read(obj.uri) as f:
@@ -298,28 +285,29 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     items += [ItemTiming(d["uri"], kinds.get(d["uri"], "?"), False, _epoch(d.get("at")) or 0.0) for d in dead]
 
     segments: dict[str, int] = {}
-    emb_parts = _parts(embeddings_prefix(workdir, run_id), ".parquet")
+    emb_parts = _parts(wd.embeddings(run_id), ".parquet")
     for obj in emb_parts:
         with storage.open_read(obj.uri) as f:
             for modality in pq.read_table(f, columns=["modality"]).column("modality").to_pylist():
                 segments[modality] = segments.get(modality, 0) + 1
 
-    manifest, version_note = _version_of_run(storage.join(workdir, "indexes", summary["index_name"]), run_id, summary)
+    index_root = wd.index_root(summary["index_name"])
+    manifest, version_note = _version_of_run(index_root, run_id, summary)
     if version_note:
         notes.append(version_note)
     version_mtime = None
     if manifest is not None and (manifest.metrics or {}).get("run_id") == run_id:
-        version_mtime = _mtime(mf.manifest_uri(storage.join(workdir, "indexes", summary["index_name"]), manifest.version))
+        version_mtime = _mtime(mf.manifest_uri(index_root, manifest.version))
     part_times = [o.mtime for o in outcome_parts + dead_parts + emb_parts]
-    local_config = None if storage.is_s3(workdir) else storage.join(run_dir, JOB_CONFIG_NAME)
+    local_config = None if storage.is_s3(wd.uri) else storage.join(wd.run_dir(run_id), JOB_CONFIG_NAME)
     return ReportData(
-        run_id=run_id, workdir=workdir, summary=summary, config=config, items=items,
+        run_id=run_id, workdir=wd.uri, summary=summary, config=config, items=items,
         failures=group_failures(dead),
         failures_by_container=count_by(container_of(d.get("uri") or "") for d in dead),
         failures_by_codec=count_by(codec_of(d.get("message") or "") for d in dead),
         dead_letter_uris=len({d.get("uri") for d in dead}),
         segments_by_modality=dict(sorted(segments.items())),
-        phases=_phases(workdir, run_id, summary, max(part_times) if part_times else None, version_mtime),
+        phases=_phases(wd, run_id, summary, max(part_times) if part_times else None, version_mtime),
         version=_version_info(manifest, summary) if manifest is not None else None,
         retry_command=retry_command(summary, config, local_config or JOB_CONFIG_NAME),
         notes=notes,
@@ -341,7 +329,7 @@ def write_report(workdir: str, run_id: str | None = None, *, samples: bool | Non
                              f"of the run; `xmodal-index report --workdir WORKDIR --run {data.run_id}` adds them")
     elif samples is not False:
         add_samples(data)
-    run_dir = storage.join(data.workdir, "runs", data.run_id)
+    run_dir = Workdir(data.workdir).run_dir(data.run_id)
     if data.retry_command and job_config(data.config):
         storage.write_bytes(storage.join(run_dir, JOB_CONFIG_NAME), json.dumps(job_config(data.config), indent=2).encode())
     target = out or storage.join(run_dir, REPORT_NAME)

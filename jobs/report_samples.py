@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def add_samples(data: Any, n: int = PROBES, k: int = HITS_PER_PROBE) -> None:
     if data.version is None:
         data.samples_note = "no index version: no sample queries"
         return
-    index_root = storage.join(data.workdir, "indexes", data.summary.get("index_name", "main"))
+    index_root = Workdir(data.workdir).index_root(data.summary.get("index_name", "main"))
     try:
         results = run_probes(index_root, data.version.version, n, k)
     except Exception as err:  # noqa: BLE001 - the encoder (torch) or the index may be unavailable here
