@@ -8,6 +8,7 @@ ENCODER_KINDS = ("builtin", "torchscript", "hf_clip", "hf_clap", "open_clip")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUNDLED_CHECKPOINT = "bundled"
+TEXT_KINDS = ("", "sentence_transformers")  # "": the encoder's own text tower (adapter_st.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class EncoderConfig:
     precision: str = "auto"
     batch_size: int = 64
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    text_kind: str = ""  # "sentence_transformers": text rows and queries also by that model (adapter_st.py)
+    text_model: str = ""  # with text_kind: a local model directory or an installed model package's name
 
     def __post_init__(self) -> None:
         if self.kind not in ENCODER_KINDS:
@@ -48,5 +51,10 @@ class EncoderConfig:
             raise ValueError(f"encoder {self.batch_size = } must be > 0")
         if self.threads < 0:
             raise ValueError(f"encoder {self.threads = } must be >= 0")
+        if self.text_kind not in TEXT_KINDS:
+            raise ValueError(f"encoder text_kind {self.text_kind!r} is not one of {', '.join(repr(k) for k in TEXT_KINDS)}")
+        if bool(self.text_kind) != bool(self.text_model):
+            raise ValueError("encoder text_kind and text_model go together: text_kind = \"sentence_transformers\" "
+                             "with text_model = a local model directory or an installed model package")
         if self.kind != "builtin" and not self.checkpoint or self.checkpoint == BUNDLED_CHECKPOINT and self.kind != "builtin":
             raise ValueError(f"encoder kind {self.kind!r} needs checkpoint= the local path of the model")

@@ -8,6 +8,15 @@ from xmodal_index.encoders.config import EncoderConfig
 
 def load_encoder(config: EncoderConfig) -> CrossModalEncoder:
     """Load the encoder named by ``config`` (weights only; no pickled code is executed)."""
+    if config.text_kind:
+        import dataclasses
+
+        from xmodal_index.encoders.adapter_st import with_text_model
+
+        base = load_encoder(dataclasses.replace(config, text_kind="", text_model=""))
+        device = "cuda" if config.device == "cuda" else str(getattr(base, "device", "cpu"))
+        return with_text_model(base, config.text_kind, config.text_model, device=device,
+                               batch_size=config.batch_size, seed=config.seed)
     if config.kind == "builtin":
         from xmodal_index.encoders.builtin import load_builtin
 

@@ -15,9 +15,11 @@ logger = logging.getLogger(__name__)
 
 class _DropImportNoise(logging.Filter):
     """Beam warns about optional parts this tool never uses: GCP client libraries (at
-    import) and, without scipy, RunInference's memory metric (once per batch)."""
+    import), without scipy RunInference's memory metric (once per batch), and in
+    multi_processing mode its workers' start-up (relayed by the job service)."""
 
-    NOISE = ("apitools not found", "Resource module is not available")
+    NOISE = ("apitools not found", "Resource module is not available", "No semi_persistent_directory found",
+             "Discarding unparseable args: ['--pipeline_type_check', '--direct_runner_use_stacked_bundle']")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -59,7 +61,34 @@ def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
         logging.getLogger(name).setLevel(max(level, logging.WARNING) if verbose - quiet < 2 else logging.NOTSET)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _LazyGroup(click.Group):
+    """A group whose commands (LAZY_COMMANDS) import their modules only when they run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        return _load_command(cmd_name) if cmd_name in LAZY_COMMANDS else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        limit = formatter.width - 6 - max(len(n) for n in self.list_commands(ctx))
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                command = self.commands[name]
+                if command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str(limit)))
+            else:
+                rows.append((name, click.Command(name, help=LAZY_COMMANDS[name][2]).get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="xmodal-index")
 @click.option("-v", "--verbose", count=True,
               help="More log output on stderr: -v adds INFO lines of this tool, -vv DEBUG and the INFO lines of "
@@ -71,33 +100,53 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     setup_logging(verbose, quiet)
 
 
-def _register() -> None:
-    from xmodal_index.jobs.query_cmd import query
-    from xmodal_index.jobs.run_cmd import run
+# name -> (module, attribute, one-line summary). Commands load on first use, so `--help`
+# and every command import only what they need (not Beam, torch or faiss up front); the
+# summaries are the commands' own first docstring lines (tests/test_query_fast_path.py checks).
+LAZY_COMMANDS = {
+    "run": ("xmodal_index.jobs.run_cmd", "run",
+            "Index the archive at SOURCE into WORKDIR and publish a new index version."),
+    "query": ("xmodal_index.jobs.query_cmd", "query",
+              "Find the moments matching a query in every modality of a published index."),
+    "make-sample": ("xmodal_index.jobs.sample_cmd", "make_sample",
+                    "Write a small real media archive with known ground truth (spoken and handwritten digits)."),
+    "train": ("xmodal_index.jobs.train_cmd", "train",
+              "Learn the built-in encoder's towers and hash heads; write a safetensors checkpoint."),
+    "eval": ("xmodal_index.jobs.eval_cmd", "eval_cmd",
+             "Cross-modal retrieval mAP (float and hash codes) with leave-one-speaker-out folds."),
+    "versions": ("xmodal_index.jobs.versions_cmd", "versions",
+                 "List the index versions with their key metrics (LATEST marked with *)."),
+    "promote": ("xmodal_index.jobs.versions_cmd", "promote",
+                "Point LATEST at VERSION (e.g. v000003), newer or older (a rollback)."),
+    "gc": ("xmodal_index.jobs.versions_cmd", "gc",
+           "Delete old index versions: all but the KEEP newest, never LATEST or its parent."),
+    "deadletter": ("xmodal_index.jobs.deadletter_cmd", "deadletter",
+                   "List failed inputs of WORKDIR grouped by stage and error class, with example URIs."),
+    "serve": ("xmodal_index.jobs.serve_cmd", "serve",
+              "Serve queries over HTTP, hot-swapping to each new LATEST version."),
+    "report": ("xmodal_index.jobs.report_cmd", "report",
+               "Write a run's self-contained HTML report: counts, throughput, failures, index version, sample hits."),
+}
 
-    cli.add_command(run)
-    cli.add_command(query)
-    optional = [
-        ("xmodal_index.jobs.sample_cmd", "make_sample"),
-        ("xmodal_index.jobs.train_cmd", "train"),
-        ("xmodal_index.jobs.eval_cmd", "eval_cmd"),
-        ("xmodal_index.jobs.versions_cmd", "versions"),
-        ("xmodal_index.jobs.versions_cmd", "promote"),
-        ("xmodal_index.jobs.versions_cmd", "gc"),
-        ("xmodal_index.jobs.deadletter_cmd", "deadletter"),
-        ("xmodal_index.jobs.serve_cmd", "serve"),
-        ("xmodal_index.jobs.report_cmd", "report"),
-    ]
+
+def _load_command(name: str) -> click.Command | None:
+    """The command ``name`` from its module (None when that optional module is not installed)."""
     import importlib
 
-    for module, name in optional:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        cli.add_command(getattr(mod, name))
+    module, attr, _ = LAZY_COMMANDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        return None
+    command = getattr(mod, attr)
+    cli.add_command(command, name)
+    return command
+
+
+def _register() -> None:
+    """Commands load lazily (``_LazyGroup``); nothing to import here."""
 
 
 logging.getLogger().addFilter(_DropImportNoise())  # import-time warnings, before any handler is set up

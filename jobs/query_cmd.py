@@ -15,7 +15,7 @@ import click
 
 QUERY_KEYS = ("text", "audio", "image", "video")
 EXIT_ERROR = 1
-FUSIONS = ("rrf", "zscore", "score")  # xmodal_index.query.fusion.FUSIONS (kept here: --help imports nothing heavy)
+FUSIONS = ("calibrated", "rrf", "zscore", "score")  # = xmodal_index.query.fusion.FUSIONS (--help imports nothing heavy)
 DEFAULT_CANDIDATES = 100  # xmodal_index.sinks.serving.loader.DEFAULT_CANDIDATES (kept here: --help imports nothing heavy)
 SEGMENT_MODES = ("per-segment", "fused")
 ON_ERROR = ("skip", "stop")
@@ -97,8 +97,10 @@ def _fail(message: str) -> None:
 @click.option("--per-modality", "per_modality", type=click.IntRange(1, 10000), default=None,
               help="Return the best K hits of each searched stream, grouped by stream (instead of -k merged hits).")
 @click.option("--fusion", type=click.Choice(FUSIONS), default="rrf",
-              help="How hits of several streams are merged: rrf (reciprocal-rank fusion), zscore (per-stream "
-                   "standardised scores) or score (raw scores; one stream tends to swamp the list).")
+              help="How hits of several streams are merged: rrf (reciprocal-rank fusion: streams interleaved by "
+                   "rank), calibrated (scores standardised per query/target modality pair from the version's "
+                   "stored vectors), zscore (per-query standardised scores) or score (raw scores; one stream "
+                   "tends to swamp the list).")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="skip",
               help="--queries: a bad line is reported and skipped, or stops the batch; the exit code is "
                    "non-zero if any line failed.")
@@ -173,7 +175,7 @@ def query(index_uri, index_name, version, text, audio, image, video, embedding, 
                 _fail(f"{line.where}: {err}")
                 if on_error == "stop":
                     break
-            except Exception as err:  # noqa: BLE001 - a decoder/encoder failure of one line ends in one line
+            except Exception as err:
                 if not line.where:
                     raise
                 failed += 1

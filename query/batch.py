@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from xmodal_index.query.errors import BadQueryError, QueryError
 from xmodal_index.query.request import INPUT_KEYS, Query, parse_modalities

@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 from xmodal_index.query import fusion as fu
 from xmodal_index.query.errors import BadQueryError, QueryError
 from xmodal_index.query.hits import Hit
@@ -47,11 +47,12 @@ class QueryIndex:
         self._encoder = encoder
         self._owns_version = owns_version
         self._segmenting = segmenting
-        self._lock = threading.Lock()
+        self._pair_stats: dict[str, dict[str, tuple[float, float]]] | None = None
+        self._lock = threading.RLock()
 
     @classmethod
     def open(cls, uri: str, index: str = "main", version: str | None = None,
-             cache_dir: str | None = None) -> "QueryIndex":
+             cache_dir: str | None = None) -> QueryIndex:
         """Open ``version`` (default: the one LATEST names) of a workdir's index ``index``
         or of an index root, after verifying every file of it."""
         from xmodal_index.sinks.errors import SinkError
@@ -175,7 +176,7 @@ class QueryIndex:
             raise BadQueryError("two-stage search needs the query's hash code: give a text or media query")
         vec, codes = self.embed(query)
         return self._search_vectors(vec, codes if two_stage else None, k, targets, per_modality, fusion,
-                                    candidates)[0]
+                                    candidates, query.modality)[0]
 
     def search_segments(self, *, audio: str | None = None, video: str | None = None, k: int = 10,
                         modalities: str | Sequence[str] | None = None, start_s: float | None = None,
@@ -201,7 +202,7 @@ class QueryIndex:
         vecs = np.ascontiguousarray(encoder.encode(query.modality, [p.payload for p in parts]).embeddings,
                                     dtype=np.float32)
         if not fused:
-            results = self._search_vectors(vecs, None, k, targets, None, fusion, None)
+            results = self._search_vectors(vecs, None, k, targets, None, fusion, None, query.modality)
             return [SegmentHits(p.start_s, p.end_s, hits) for p, hits in zip(parts, results)]
         if not targets:
             return [SegmentHits(parts[0].start_s, parts[-1].end_s, [])]
@@ -214,7 +215,7 @@ class QueryIndex:
                     if h.segment_id not in top or h.score > top[h.segment_id].score:
                         top[h.segment_id] = h
             best[m] = sorted(top.values(), key=lambda h: (-h.score, h.segment_id))
-        return [SegmentHits(parts[0].start_s, parts[-1].end_s, self._fuse(best, k, fusion))]
+        return [SegmentHits(parts[0].start_s, parts[-1].end_s, self._fuse(best, k, fusion, query.modality))]
 
     def _check_options(self, k: Any, modalities: Any, per_modality: Any, fusion: str
                        ) -> tuple[int, tuple[str, ...], int | None]:
@@ -233,10 +234,37 @@ class QueryIndex:
     def _depth(k: int, n_targets: int, fusion: str) -> int:
         return max(k, fu.ZSCORE_DEPTH) if fusion == "zscore" and n_targets > 1 else k
 
-    @staticmethod
-    def _fuse(ranked: dict[str, list[Hit]], k: int, fusion: str) -> list[Hit]:
+    def _fuse(self, ranked: dict[str, list[Hit]], k: int, fusion: str, query_modality: str) -> list[Hit]:
+        stats = None
+        if fusion == "calibrated" and len(ranked) > 1:
+            stats = self.pair_statistics().get("" if query_modality == "embedding" else query_modality)
         return fu.fuse(ranked, k, fusion, score=lambda h: h.score, tie=lambda h: h.segment_id,
-                       rescore=lambda h, s: dataclasses.replace(h, score=s))
+                       rescore=lambda h, s: dataclasses.replace(h, score=s), pair_stats=stats)
+
+    def pair_statistics(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """{query modality: {target modality: (mean, std)}} of scores between the version's stored
+        vectors (a seeded sample per modality), computed once; {} when the version keeps none."""
+        with self._lock:
+            if self._pair_stats is None:
+                self._pair_stats = fu.pair_statistics(self._vector_samples())
+            return self._pair_stats
+
+    def _vector_samples(self) -> dict[str, np.ndarray]:
+        by_modality: dict[str, list[np.ndarray]] = {}
+        for shard in self.manifest.shards:
+            if shard.kind != "float" or not shard.vectors:
+                continue
+            try:
+                vectors = np.load(os.path.join(self._version.local_dir, shard.vectors), mmap_mode="r",
+                                  allow_pickle=False)
+            except (OSError, ValueError):
+                return {}
+            if vectors.ndim != 2 or vectors.shape[1] != self.manifest.dim:
+                return {}
+            by_modality.setdefault(shard.modality, []).append(fu.sample_rows(vectors))
+        if set(by_modality) != set(self.modalities):
+            return {}
+        return {m: fu.sample_rows(np.concatenate(parts)) for m, parts in by_modality.items()}
 
     def _ranked(self, vecs: np.ndarray, codes: Any, depth: int, targets: tuple[str, ...],
                 per_modality: int | None, fusion: str, candidates: int | None) -> dict[str, list[list[Hit]]]:
@@ -248,7 +276,8 @@ class QueryIndex:
         return {m: [[Hit.of(h) for h in hits] for hits in per_query] for m, per_query in groups.items()}
 
     def _search_vectors(self, vecs: np.ndarray, codes: Any, k: int, targets: tuple[str, ...],
-                        per_modality: int | None, fusion: str, candidates: int | None) -> list[list[Hit]]:
+                        per_modality: int | None, fusion: str, candidates: int | None,
+                        query_modality: str) -> list[list[Hit]]:
         nq = len(vecs)
         if not targets:
             return [[] for _ in range(nq)]
@@ -260,7 +289,7 @@ class QueryIndex:
             if per_modality is not None:
                 out.append([h for m in targets for h in ranked[m]])
             else:
-                out.append(self._fuse(ranked, k, fusion))
+                out.append(self._fuse(ranked, k, fusion, query_modality))
         return out
 
     def _search_one(self, vecs: np.ndarray, codes: Any, k: int, modalities: list[str],
@@ -283,7 +312,7 @@ class QueryIndex:
         if self._owns_version:
             self._version.close()
 
-    def __enter__(self) -> "QueryIndex":
+    def __enter__(self) -> QueryIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,7 +23,7 @@ class Hit:
     text: str | None = None
 
     @classmethod
-    def of(cls, hit: Any, score: float | None = None) -> "Hit":
+    def of(cls, hit: Any, score: float | None = None) -> Hit:
         """From the loader's hit (or anything with the same fields)."""
         return cls(uri=hit.uri, modality=hit.modality, start_s=float(hit.start_s), end_s=float(hit.end_s),
                    score=float(hit.score if score is None else score), segment_id=int(hit.segment_id),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
-
 from xmodal_index.query.errors import BadQueryError, QueryError
 
 MEDIA_MODALITIES = ("audio", "image", "video")
@@ -39,7 +39,7 @@ class QuerySegmenting:
                 raise BadQueryError(f"{name} = {value!r} must be a finite number > 0")
 
     @classmethod
-    def from_run(cls, decode: dict[str, Any]) -> "QuerySegmenting":
+    def from_run(cls, decode: dict[str, Any]) -> QuerySegmenting:
         try:
             return cls(segment_s=float(decode.get("segment_s", DEFAULT_SEGMENT_S)),
                        frame_rate_hz=float(decode.get("frame_rate_hz", DEFAULT_FRAME_RATE_HZ)),

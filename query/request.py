@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-
 from xmodal_index.query.errors import BadQueryError
 from xmodal_index.query.media import check_range
 from xmodal_index.sinks.schema import MODALITIES
@@ -52,7 +52,7 @@ class Query:
     @classmethod
     def of(cls, *, text: str | None = None, audio: str | None = None, image: str | None = None,
            video: str | None = None, embedding: Any = None, start_s: float | None = None,
-           end_s: float | None = None) -> "Query":
+           end_s: float | None = None) -> Query:
         given = {k: v for k, v in (("text", text), ("audio", audio), ("image", image), ("video", video),
                                    ("embedding", embedding)) if v is not None}
         if len(given) != 1:

@@ -41,6 +41,7 @@ from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError, 
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.manifest_schema import plain_file_name
 from xmodal_index.sinks.index.seal import VERSION_PATTERN
+from xmodal_index.sinks.serving import verified
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _mismatch(entry: mf.FileEntry, path: str) -> str | None:
         return "is not a regular file"
     if st.st_size != entry.bytes:
         return f"has {st.st_size} bytes, the manifest says {entry.bytes}"
-    digest = mf.sha256_file(path)
+    digest = verified.sha256_of(path, st, entry.sha256, mf.sha256_file)  # unchanged since verified: no re-hash
     if digest != entry.sha256:
         return f"has sha256 {digest}, the manifest says {entry.sha256}"
     return None
