@@ -3,7 +3,7 @@ before anything runs, so that a misspelt flag is refused instead of silently dro
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class BeamArgsError(ValueError):
@@ -12,7 +12,10 @@ class BeamArgsError(ValueError):
 
 def check_beam_args(args: Sequence[str]) -> None:
     """Raise BeamArgsError naming every unknown flag, or the first bad value of a known one."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    from apache_beam.options.pipeline_options import (
+        PipelineOptions,
+        _BeamArgumentParser,
+    )
 
     class _Parser(_BeamArgumentParser):
         def error(self, message: str):  # argparse would print its usage and exit 2
@@ -22,7 +25,7 @@ def check_beam_args(args: Sequence[str]) -> None:
     # the option classes Beam itself parses with (PipelineOptions.get_all_options)
     classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
     for cls in classes.values():
-        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own way to collect every option
+        cls._add_argparse_args(parser)  # Beam's own way to collect every option (get_all_options)
     bare = [a for a in args if not a.startswith("--")]
     if bare:
         raise BeamArgsError(f"Beam arguments must look like --name=value, got {bare[0]!r}")

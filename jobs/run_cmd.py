@@ -10,10 +10,12 @@ import sys
 from typing import NoReturn
 
 import click
-
+from xmodal_index.jobs import loopback
 from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
 from xmodal_index.jobs.config import ConfigError, load_config
 from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups, printable
+from xmodal_index.jobs.progress_display import DEFAULT_EVERY_S, ProgressSettings
+from xmodal_index.jobs.progress_display import configure as configure_progress
 from xmodal_index.jobs.run_job import (
     EXIT_ERROR,
     EXIT_LEASE_HELD,
@@ -23,8 +25,8 @@ from xmodal_index.jobs.run_job import (
     execute,
     read_deadletters,
 )
-from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
 from xmodal_index.sinks.storage import S3Config, configure_s3
+from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ def print_summary(s: RunSummary) -> None:
         click.echo(f"  dead letters: {s.deadletters}/  (xmodal-index deadletter --workdir {s.workdir})")
         try:
             groups = failure_groups(read_deadletters(s.workdir, s.run_id), examples=1)
-        except Exception:  # noqa: BLE001 - the summary line above already says where they are
+        except Exception:
             logger.debug("cannot read dead letters back", exc_info=True)
             return
         for line in format_groups(groups[:8]):
@@ -173,11 +175,15 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--s3-region", default=None, show_default="AWS_REGION / profile", help="S3 region; same as XMODAL_S3_REGION.")
 @click.option("--s3-profile", default=None, show_default="AWS_PROFILE",
               help="Profile of the shared AWS config files to take settings and credentials from.")
-@click.option("--progress/--no-progress", default=None, help="Live progress line on stderr (default: only when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=True,
+              help="Progress on stderr: items done/failed, media-seconds and their rate, elapsed, ETA; a bar when "
+                   "stderr is a terminal, else a plain line every --progress-every-s.")
+@click.option("--progress-every-s", type=click.FloatRange(min=0.1), default=DEFAULT_EVERY_S,
+              help="Seconds between two plain progress lines when stderr is not a terminal (nightly logs).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def run(source, workdir, config_path, index_name, runner, full, retry_failed, force, prefix, since, until, segment_s,
         max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
-        beam_args):
+        progress_every_s, beam_args):
     """Index the archive at SOURCE into WORKDIR and publish a new index version.
 
     Only inputs that are new or changed (etag or size), or that were embedded by
@@ -206,20 +212,24 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
         check_beam_args(beam_args)
     except BeamArgsError as err:
         _usage_error(f"after --: {err}")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG and not any(
+            a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        beam_args = (*beam_args, "--default_sdk_harness_log_level=WARNING")  # worker processes: Beam's INFO from -vv on
     selection = _selection(prefix, since, until)
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
-    show = sys.stderr.isatty() if progress is None else progress
+    configure_progress(ProgressSettings(enabled=progress, every_s=progress_every_s))
     req = RunRequest(source=source, workdir=workdir, config=cfg, index_name=index_name, runner=runner,
-                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force, show_progress=show,
+                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force, show_progress=progress,
                      selection=selection, lease=LeaseConfig(ttl_s=lease_ttl, wait_s=wait_for_lease),
                      summary_out=summary_out)
+    loopback.install()  # Beam's worker servers listen on loopback only
     try:
         summary = execute(req, echo=lambda m: click.echo(m, err=True))
     except LeaseHeldError as err:
         hint = "" if wait_for_lease else " (--wait-for-lease SECONDS waits for it)"
         click.echo(f"xmodal-index run: {one_line(err)}{hint}", err=True)
         sys.exit(EXIT_LEASE_HELD)
-    except Exception as err:  # noqa: BLE001 - one-line reason, non-zero exit
+    except Exception as err:
         logger.debug("run failed", exc_info=True)
         click.echo(f"xmodal-index run: error: {one_line(err)} (-vv shows the traceback)", err=True)
         sys.exit(EXIT_ERROR)

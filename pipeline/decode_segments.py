@@ -132,6 +132,7 @@ class _DecodeFn(beam.DoFn):
         self._per_item.update(n)
         progress.add("items_done")
         progress.add("segments", n)
+        progress.add("media_s", media_s)
         yield beam.pvalue.TaggedOutput(OUTCOME_TAG, ItemOutcome(
             item.uri, item.etag, item.size, item.mtime, n, finished_at=round(time.time(), 3),
             media_s=round(media_s, 3), decode_s=round(spent[0], 4)))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+from xmodal_index.jobs.cli import setup_logging
 
 from tests.run_helpers import invoke, make_archive, run_args, write_config
-from xmodal_index.jobs.cli import setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _emit(capsys, *, verbose: int = 0, quiet: int = 0) -> str:
     logging.getLogger("xmodal_index.jobs.example").debug("own debug")
     logging.getLogger("apache_beam.runners.example").info("beam info")
     logging.getLogger("apache_beam.runners.example").warning("beam warning")
-    logging.info("root info")
+    logging.info("root info")  # noqa: LOG015 - a library logging on the root logger is the case under test
     return capsys.readouterr().err
 
 

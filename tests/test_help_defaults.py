@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 
 import click
-import pytest
-
 from xmodal_index.jobs.cli import cli
 
 
