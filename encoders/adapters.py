@@ -57,6 +57,7 @@ from xmodal_index.encoders.base import (
 )
 from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.encoders.hashing import RandomProjectionHash
+from xmodal_index.encoders.signal import resample as resample  # the one resampler, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +182,6 @@ class ImagePreprocess:
         resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
         top, left = (new_h - self.size[0]) // 2, (new_w - self.size[1]) // 2
         return np.asarray(resized.crop((left, top, left + self.size[1], top + self.size[0])), dtype=np.float32)
-
-
-def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
-    """Band-limited (FFT) resampling of a mono float signal."""
-    if from_hz == to_hz:
-        return audio
-    n_out = max(1, round(len(audio) * to_hz / from_hz))
-    spectrum = np.fft.rfft(audio.astype(np.float64))
-    keep = min(len(spectrum), n_out // 2 + 1)
-    out = np.zeros(n_out // 2 + 1, dtype=np.complex128)
-    out[:keep] = spectrum[:keep]
-    return (np.fft.irfft(out, n_out) * (n_out / len(audio))).astype(np.float32)
 
 
 def centre_crop(audio: np.ndarray, samples: int) -> np.ndarray:

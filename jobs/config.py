@@ -14,9 +14,9 @@ import tomllib
 from typing import Any, Mapping
 
 from xmodal_index.encoders.config import EncoderConfig
-from xmodal_index.pipeline.decode import DecodeConfig
+from xmodal_index.pipeline.decode_config import DecodeConfig
 from xmodal_index.pipeline.listing import SourceConfig
-from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.config import IndexBuildConfig
 from xmodal_index.sinks.index.publish_gate import GateConfig
 
 

@@ -25,6 +25,7 @@ from xmodal_index.encoders.evaluation import (
 )
 from xmodal_index.encoders.objectives import OBJECTIVES
 from xmodal_index.encoders.training import TrainConfig, TrainingError, train_model
+from xmodal_index.jobs.params import parse_bits
 from xmodal_index.jobs.train_cmd import command_line
 from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd
 
@@ -47,16 +48,6 @@ def _parse_methods(value: str) -> tuple[str, ...]:
     return methods
 
 
-def _parse_bits(value: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(int(b) for b in value.split(",") if b.strip())
-    except ValueError as err:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from err
-    if not bits or any(b not in (16, 32, 64, 128) for b in bits):
-        raise click.BadParameter(f"{value!r}: code lengths must be among 16, 32, 64, 128")
-    return bits
-
-
 @click.command("eval")
 @click.option("--fsdd", required=True, type=click.Path(exists=True, file_okay=False),
               help="Free Spoken Digit Dataset directory ({digit}_{speaker}_{index}.wav, here or in recordings/).")
@@ -74,7 +65,7 @@ def _parse_bits(value: str) -> tuple[int, ...]:
               help=f"Smoke run: one fold (the first speaker) and {QUICK_EPOCHS} epochs. Default: off.")
 @click.option("--epochs", type=click.IntRange(1), default=16, show_default=True,
               help="Training epochs per fold (passes over the training clips).")
-@click.option("--bits", "bits", default="16,32,64", show_default=True, callback=lambda c, p, v: _parse_bits(v),
+@click.option("--bits", "bits", default="16,32,64", show_default=True, callback=lambda c, p, v: parse_bits(v),
               help="Hash code lengths (bits) to report, comma-separated.")
 @click.option("--image-test-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
               help="Share of the digit images held out as the image database/queries (stratified split).")

@@ -17,7 +17,7 @@ from xmodal_index.encoders.base import EncoderError
 from xmodal_index.encoders.builtin import file_sha256
 from xmodal_index.encoders.evaluation import image_split
 from xmodal_index.encoders.objectives import OBJECTIVES
-from xmodal_index.encoders.towers import HASH_BITS
+from xmodal_index.jobs.params import parse_bits
 from xmodal_index.encoders.training import (
     TrainConfig,
     TrainingError,
@@ -29,16 +29,6 @@ from xmodal_index.encoders.training import (
 from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd
 
 logger = logging.getLogger(__name__)
-
-
-def parse_bits(value: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(sorted({int(b) for b in value.split(",") if b.strip()}))
-    except ValueError as err:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from err
-    if not bits or any(b not in HASH_BITS for b in bits):
-        raise click.BadParameter(f"{value!r}: each code length must be one of {', '.join(map(str, HASH_BITS))}")
-    return bits
 
 
 def archive_tuples(archive: str, max_items: int) -> list[dict[str, Any]]:

@@ -46,6 +46,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from xmodal_index.encoders.signal import resample as resample  # the one resampler, re-exported
+
 logger = logging.getLogger(__name__)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -126,9 +128,6 @@ class SampleArchiveConfig:
     def frames_per_slot(self) -> int:
         return round(self.slot_s * self.fps)
 
-    @property
-    def samples_per_slot(self) -> int:
-        return round(self.slot_s * self.audio_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,25 +239,6 @@ def load_sample_subset() -> SampleSubset:
     return subset
 
 
-def resample(x: np.ndarray, src_rate: int, dst_rate: int, half_taps: int = 16) -> np.ndarray:
-    """Band-limited (Hann-windowed sinc) resampling of a mono float signal; numpy only."""
-    if src_rate == dst_rate:
-        return x.astype(np.float32, copy=True)
-    n_out = len(x) * dst_rate // src_rate
-    pos = np.arange(n_out, dtype=np.float64) * (src_rate / dst_rate)
-    cutoff = min(1.0, dst_rate / src_rate)
-    width = half_taps / cutoff
-    base = np.floor(pos).astype(np.int64)
-    taps = base[:, None] + np.arange(-int(np.ceil(width)) + 1, int(np.ceil(width)) + 1)[None, :]
-    dist = pos[:, None] - taps
-    window = np.where(np.abs(dist) < width, 0.5 + 0.5 * np.cos(np.pi * dist / width), 0.0)
-    kernel = cutoff * np.sinc(cutoff * dist) * window
-    padded = np.concatenate([x, [0.0]]).astype(np.float64)
-    valid = (taps >= 0) & (taps < len(x))
-    values = padded[np.where(valid, taps, len(x))]
-    return np.clip((values * kernel).sum(axis=1), -1.0, 1.0).astype(np.float32)
-
-
 def digit_gray(image8: np.ndarray, size: int) -> np.ndarray:
     """An 8x8 digit (0..16) scaled up to (size, size) uint8, nearest neighbour, white on black."""
     gray = ((image8.astype(np.uint16) * 255 + 8) // 16).astype(np.uint8)
@@ -317,7 +297,7 @@ def _plan_video(subset: SampleSubset, config: SampleArchiveConfig, video: int, r
         choices = [r for r in subset.recordings_of(digit) if r.speaker == speakers[s % len(speakers)]]
         recording = choices[int(rng.integers(len(choices)))] if choices else subset.recordings_of(digit)[0]
         image_index = int(rng.choice(subset.image_indices_of(digit)))
-        speech = resample(recording.samples(), FSDD_RATE, rate)
+        speech = np.clip(resample(recording.samples(), FSDD_RATE, rate), -1.0, 1.0)
         room = n_slot - 2 * margin
         if len(speech) > room:  # longer than the slot: trim with a short fade-out
             speech = speech[:room].copy()
