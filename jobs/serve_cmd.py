@@ -36,6 +36,9 @@ _SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_http", 
               help="Seconds between two reads of LATEST; a new version is verified and loaded before it is swapped in.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 * MiB,
               help="Largest request body in bytes (32 MiB); larger requests get 413.")
+@click.option("--max-inflight-body-bytes", type=click.IntRange(min=1), default=128 * MiB,
+              help="Request bodies held in memory at once, in bytes (128 MiB); a request that would pass it "
+                   "gets 503 with Retry-After.")
 @click.option("--max-k", type=click.IntRange(min=1), default=1000,
               help="Largest k (hits per query) a request may ask for; more gets 422.")
 @click.option("--request-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0,
@@ -59,8 +62,9 @@ _SERVICE_LOGGERS = ("xmodal_index.jobs.server", "xmodal_index.jobs.serve_http", 
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where versions of a remote (s3://) index are fetched (default: $XMODAL_INDEX_CACHE or "
                    "~/.cache/xmodal-index).")
-def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_k, request_timeout_s, header_timeout_s, threads,
-          max_connections, media_workers, media_queue, media_max_duration_s, media_memory_mb, cache_dir):
+def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_inflight_body_bytes, max_k, request_timeout_s,
+          header_timeout_s, threads, max_connections, media_workers, media_queue, media_max_duration_s,
+          media_memory_mb, cache_dir):
     """Serve queries over HTTP, hot-swapping to each new LATEST version.
 
     POST /query takes JSON {"text": ..., "k": ..., "modality": [...]} or {"embedding": [...], ...},
@@ -75,7 +79,8 @@ def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_k, request
     try:
         media = MediaQueryConfig(workers=media_workers, queue=media_queue, max_duration_s=media_max_duration_s,
                                  memory_mb=media_memory_mb)
-        server_config = ServerConfig(host=host, port=port, max_body_bytes=max_body_bytes, max_k=max_k,
+        server_config = ServerConfig(host=host, port=port, max_body_bytes=max_body_bytes,
+                                     max_inflight_body_bytes=max_inflight_body_bytes, max_k=max_k,
                                      request_timeout_s=request_timeout_s, header_timeout_s=header_timeout_s,
                                      threads=threads, max_connections=max_connections, media=media)
         swap_config = HotSwapConfig(poll_s=poll_s, version=version, cache_dir=cache_dir)

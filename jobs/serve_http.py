@@ -36,6 +36,34 @@ _LINGER_MAX_BYTES = 64 * MiB
 _BUSY_RETRY_AFTER_S = 1
 
 
+class BusyError(RequestError):
+    """The server is at one of its limits: 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = _BUSY_RETRY_AFTER_S) -> None:
+        super().__init__(503, message)
+        self.retry_after_s = retry_after_s
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, reserved from Content-Length before reading."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.held + nbytes > self.limit:
+                return False
+            self.held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+
 class HTTPServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on connections (each one holds a thread)."""
 
@@ -122,6 +150,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._linger = False
         self._extra_headers: dict[str, str] = {}
+        self._reserved = 0  # body bytes reserved in the server's BodyBudget
         super().setup()
         self.rfile = io.BufferedReader(_DeadlineReader(self), 1 << 16)
 
@@ -207,7 +236,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 status, body = app.query(self._read_body(), self.headers.get("Content-Type", ""), self._started)
             else:
                 status, body = app.get(path)
-        except MediaBusyError as err:
+        except (BusyError, MediaBusyError) as err:
             status, body = err.status, {"error": str(err)}
             self._extra_headers = {"Retry-After": str(err.retry_after_s)}
         except RequestError as err:
@@ -217,6 +246,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception as err:  # noqa: BLE001 - one broken request must not take the server down
             logger.exception("%s %s failed", method, self.path)
             status, body = 500, {"error": f"internal error: {type(err).__name__}: {err}".splitlines()[0]}
+        finally:
+            if self._reserved:
+                app.body_budget.release(self._reserved)
+                self._reserved = 0
         if isinstance(body, (bytes, str)):
             self._send(status, body.encode() if isinstance(body, str) else body, app.content_type(path))
         else:
@@ -241,6 +274,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > limit:
             self._close_unread()
             raise RequestError(413, f"the body has {length} bytes, over max_body_bytes={limit}")
+        budget = self.server.app.body_budget
+        if not budget.reserve(length):
+            self._close_unread()
+            raise BusyError(f"request bodies in memory are at max_inflight_body_bytes={budget.limit}: retry later")
+        self._reserved = length
         return self._read_exactly(length)
 
     def _read_exactly(self, length: int) -> bytes:

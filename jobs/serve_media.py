@@ -6,9 +6,12 @@ built from :class:`MediaQueryConfig`: bytes, declared duration, pixels, wall clo
 and the workers' address space. The server process never decodes media itself, so a
 hostile upload costs one worker, never the service's memory or its text queries.
 
-Admission: at most ``workers`` uploads decode at once and at most ``queue`` more
-wait for a worker; any further media query is refused at once with
-:class:`MediaBusyError` (the server answers 503 with Retry-After). A query whose
+Admission: a media query holds one of ``workers + queue`` slots from its arrival
+until it is encoded: at most ``workers`` uploads decode at once, the others wait,
+and any further media query is refused at once with :class:`MediaBusyError` (the
+server answers 503 with Retry-After). Media queries are encoded by their own
+``encode_threads`` (a video query by at most ``max_video_frames`` frames), apart
+from text queries. A query whose
 request budget runs out while it waits or decodes is stopped: its worker is killed
 (and restarted for the next query) and :class:`MediaTimeoutError` is raised.
 Decoded payloads are capped too: a query whose decoded media passes
@@ -26,7 +29,7 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -80,9 +83,11 @@ class MediaQueryConfig:
     max_pixels: int = 4096 * 4096  # width * height of an image or video frame
     memory_mb: int = 1536  # address-space limit of one decode worker, MiB
     frame_rate_hz: float = 2.0  # video frames sampled per second of a video query
+    max_video_frames: int = 128  # frames of a video query that are encoded (evenly spread)
+    encode_threads: int = 1  # media queries encoded at once (text queries have their own threads)
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_pixels", "retry_after_s"):
+        for name in ("workers", "max_pixels", "retry_after_s", "max_video_frames", "encode_threads"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"media {name} = {value!r} must be an integer >= 1")
@@ -150,9 +155,10 @@ class MediaDecoders:
     def pids(self) -> list[int]:
         return [pid for decoder in self._all for pid in decoder.pids if pid is not None]
 
-    def decode(self, modality: str, data: bytes, filename: str, deadline: float) -> Any:
-        """The payload the encoder takes for an upload, decoded in a worker before ``deadline``
-        (a ``time.monotonic()`` value). Raises a MediaQueryError subclass on refusal."""
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of the ``workers + queue`` media slots while a media query decodes and encodes;
+        MediaBusyError at once when none is free."""
         with self._cond:
             limit = self.config.workers + self.config.queue
             if self._admitted >= limit:
@@ -162,16 +168,21 @@ class MediaDecoders:
                                      self.config.retry_after_s)
             self._admitted += 1
         try:
-            decoder = self._take(deadline)
-            try:
-                return self._decode_in(decoder, modality, data, filename, deadline)
-            finally:
-                with self._cond:
-                    self._free.append(decoder)
-                    self._cond.notify()
+            yield
         finally:
             with self._cond:
                 self._admitted -= 1
+
+    def decode(self, modality: str, data: bytes, filename: str, deadline: float) -> Any:
+        """The payload the encoder takes for an upload, decoded in a worker before ``deadline``
+        (a ``time.monotonic()`` value). Raises a MediaQueryError subclass on refusal."""
+        decoder = self._take(deadline)
+        try:
+            return self._decode_in(decoder, modality, data, filename, deadline)
+        finally:
+            with self._cond:
+                self._free.append(decoder)
+                self._cond.notify()
 
     def _take(self, deadline: float) -> Any:
         with self._cond:
@@ -237,7 +248,10 @@ class MediaDecoders:
         if modality == "audio":
             return np.concatenate(parts).astype(np.float32)
         if modality == "video":
-            return np.concatenate(parts, axis=0)
+            frames = np.concatenate(parts, axis=0)
+            if len(frames) > self.config.max_video_frames:  # evenly spread over the clip
+                frames = frames[np.linspace(0, len(frames) - 1, self.config.max_video_frames).round().astype(int)]
+            return frames
         return parts[0]
 
 

@@ -40,9 +40,8 @@ import numpy as np
 
 from xmodal_index.jobs.query_cmd import hit_json
 from xmodal_index.jobs.query_support import QueryRequest, RequestError
-from xmodal_index.jobs.serve_http import HTTPServer, HTTPServer6, Handler
-from xmodal_index.jobs.serve_media import (MEDIA_MODALITIES, MediaBusyError, MediaDecoders, MediaQueryConfig,
-                                           MediaQueryError)
+from xmodal_index.jobs.serve_http import BodyBudget, HTTPServer, HTTPServer6, Handler
+from xmodal_index.jobs.serve_media import MEDIA_MODALITIES, MediaDecoders, MediaQueryConfig, MediaQueryError
 from xmodal_index.jobs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from xmodal_index.jobs.serve_metrics import ServeMetrics
 from xmodal_index.jobs.serve_request import EmbeddingRequest, embedding_vector, parse_request
@@ -71,6 +70,7 @@ class ServerConfig:
     threads: int = 4  # encode + search workers
     max_connections: int = 64  # open connections (each holds a thread); more get 503
     max_json_depth: int = 32  # nesting of a JSON body
+    max_inflight_body_bytes: int = 128 * MiB  # request bodies held in memory at once; more get 503
     media: MediaQueryConfig = MediaQueryConfig()
 
     def __post_init__(self) -> None:
@@ -92,6 +92,8 @@ class ServerConfig:
             raise ValueError(f"{self.threads = } must be >= 1")
         if self.max_connections < 1:
             raise ValueError(f"{self.max_connections = } must be >= 1")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError(f"{self.max_inflight_body_bytes = } must be >= max_body_bytes={self.max_body_bytes}")
         if self.max_json_depth < 2:
             raise ValueError(f"{self.max_json_depth = } must be >= 2 (a query object holds a list)")
 
@@ -107,11 +109,14 @@ class QueryServer:
         self.config = config or ServerConfig()
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.threads,
                                                               thread_name_prefix="query")
+        self._media_lane = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.media.encode_threads,
+                                                                 thread_name_prefix="media-query")
         self.media = MediaDecoders(self.config.media, max_bytes=self.config.max_body_bytes,
                                    timeout_s=self.config.request_timeout_s, decode_fn=decode_fn)
         server_class = HTTPServer6 if ":" in self.config.host else HTTPServer
         self._httpd = server_class((self.config.host, self.config.port), Handler)
         self._httpd.app = self
+        self.body_budget = BodyBudget(self.config.max_inflight_body_bytes)
         self.metrics = ServeMetrics(self.ROUTES, handle.status, lambda: self._httpd.connections,
                                     lambda: (self.media.in_flight, self.media.rejected, self.media.killed))
         self._openapi: bytes | None = None
@@ -143,6 +148,7 @@ class QueryServer:
             self._thread = None
         self._httpd.server_close()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._media_lane.shutdown(wait=True, cancel_futures=True)
         self.media.close()
 
     def __enter__(self) -> "QueryServer":
@@ -208,22 +214,25 @@ class QueryServer:
         request = parse_request(body, content_type, max_k=cfg.max_k, default_k=cfg.default_k,
                                 max_json_depth=cfg.max_json_depth)
         deadline = started + cfg.request_timeout_s
-        payload = None
         if isinstance(request, QueryRequest) and request.modality in MEDIA_MODALITIES:
             self._check_encodable(request.modality)
-            try:
-                payload = self.media.decode(request.modality, request.data or b"", request.filename, deadline)
-            except MediaBusyError:
-                raise
-            except MediaQueryError as err:
-                raise RequestError(err.status, str(err)) from err
-        future = self._workers.submit(self._run, request, payload)
+            with self.media.admit():
+                try:
+                    payload = self.media.decode(request.modality, request.data or b"", request.filename, deadline)
+                except MediaQueryError as err:
+                    raise RequestError(err.status, str(err)) from err
+                return self._answer(self._media_lane, request, payload, deadline)
+        return self._answer(self._workers, request, None, deadline)
+
+    def _answer(self, pool: concurrent.futures.ThreadPoolExecutor, request: QueryRequest | EmbeddingRequest,
+                payload: Any, deadline: float) -> tuple[int, dict[str, Any]]:
+        future = pool.submit(self._run, request, payload)
         try:
             return 200, future.result(timeout=max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError as err:
             future.cancel()  # still queued: never runs; already running: finishes, its answer is dropped
             raise RequestError(504, f"the query took longer than request_timeout_s="
-                                    f"{cfg.request_timeout_s:g}") from err
+                                    f"{self.config.request_timeout_s:g}") from err
 
     def _check_encodable(self, modality: str) -> None:
         """Refuse a media query the served encoder cannot embed before spending a decode worker on it."""

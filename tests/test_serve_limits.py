@@ -145,6 +145,19 @@ def test_body_over_max_body_bytes_gets_413_without_being_read(handle):
     assert status == 413 and "max_body_bytes=1000" in body["error"]
 
 
+def test_bodies_over_the_in_flight_budget_get_503_while_small_ones_pass(handle):
+    with serve(handle, max_body_bytes=1000, max_inflight_body_bytes=1500) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=10) as holder:
+        holder.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000\r\n\r\n{")  # 1000 bytes reserved, the rest never comes
+        time.sleep(0.3)
+        body = json.dumps({"text": "seven" + " " * 900}).encode()
+        status, data, headers = request(srv.port, "POST", "/query", body, {"Content-Type": "application/json"})
+        small = post_json(srv.port, b'{"text": "seven", "k": 1}')[0]
+    assert status == 503 and "max_inflight_body_bytes=1500" in json.loads(data)["error"]
+    assert headers["Retry-After"] == "1" and small == 200
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -158,7 +171,7 @@ def test_serve_on_a_missing_bucket_prints_one_line_and_exits_1(s3_env):
 def test_serve_help_names_every_limit_and_its_default():
     result = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200)
     text = " ".join(result.output.split())
-    for needle in ("--header-timeout-s", "default: 10.0", "--max-connections", "default: 64", "--media-workers",
+    for needle in ("--header-timeout-s", "default: 10.0", "--max-inflight-body-bytes", "128 MiB", "--max-connections", "default: 64", "--media-workers",
                    "--media-queue", "Retry-After", "--media-max-duration-s", "default: 600.0", "--media-memory-mb",
                    "default: 1536"):
         assert needle in text, needle
