@@ -20,16 +20,17 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from xmodal_index.jobs.report_failures import (
     FailureGroup,
-    codec_of,
-    container_of,
-    count_by,
-    group_failures,
+    FailureTally,
+    by_count,
     job_config,
     retry_command,
 )
+from xmodal_index.jobs.report_timeline import Timeline
+from xmodal_index.pipeline.types import kind_of
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
 from xmodal_index.sinks.index import manifest as mf
@@ -45,16 +46,6 @@ SAMPLES_AUTO_MAX_BYTES = 2 << 30
 
 class ReportError(Exception):
     """The run cannot be reported on (unknown run, unreadable workdir); the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemTiming:
-    uri: str
-    kind: str
-    ok: bool
-    finished_at: float  # seconds since the epoch; 0 when the run did not record it
-    media_s: float = 0.0
-    decode_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +74,7 @@ class ReportData:
     workdir: str
     summary: dict[str, Any]
     config: dict[str, Any]
-    items: list[ItemTiming]
+    timeline: Timeline
     failures: list[FailureGroup]
     failures_by_container: dict[str, int]
     failures_by_codec: dict[str, int]
@@ -112,18 +103,9 @@ class ReportData:
         return self.dead_letter_uris >= int(self.summary.get("failed") or 0)
 
     def throughput(self, bins: int = THROUGHPUT_BINS) -> list[tuple[float, float]]:
-        """(seconds after the first item started, media-seconds decoded per second) per time bin."""
-        done = sorted((i for i in self.items if i.ok and i.finished_at > 0), key=lambda i: i.finished_at)
-        if not done:
-            return []
-        start = self.dag_start() or min(i.finished_at - i.decode_s for i in done)
-        span = max(done[-1].finished_at - start, 1e-3)
-        width = span / bins
-        totals = [0.0] * bins
-        for item in done:
-            k = min(int((item.finished_at - start) / width), bins - 1)
-            totals[max(k, 0)] += item.media_s
-        return [((k + 0.5) * width, totals[k] / width) for k in range(bins)]
+        """(seconds after the DAG started, media-seconds decoded per second) per time bin."""
+        start = self.dag_start()
+        return self.timeline.throughput(start, bins) if start is not None else []
 
     def dag_start(self) -> float | None:
         started = _epoch(self.summary.get("started_at"))
@@ -264,32 +246,31 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     summary.setdefault("workdir", wd.uri)
     summary.setdefault("index_name", config.get("index_name", "main"))
 
-    kinds: dict[str, str] = {}
-    try:
-        for item in _jsonl([storage.stat(wd.worklist(run_id))]):
-            kinds[item["uri"]] = item.get("kind", "?")
-    except ObjectNotFoundError:
-        pass
+    timeline = Timeline()
     outcome_parts = _parts(wd.outcomes(run_id), ".jsonl")
-    items = [ItemTiming(o["uri"], kinds.get(o["uri"], "?"), True, float(o.get("finished_at") or 0.0),
-                        float(o.get("media_s") or 0.0), float(o.get("decode_s") or 0.0))
-             for o in _jsonl(outcome_parts)]
-    if items and not any(i.finished_at for i in items):
-        notes.append("this run's outcome files record no per-item times (written before they did): no throughput plot")
+    for o in _jsonl(outcome_parts):
+        timeline.add(float(o.get("finished_at") or 0.0), True, kind_of(o["uri"]) or "?", float(o.get("media_s") or 0.0),
+                     float(o.get("decode_s") or 0.0))
+    if timeline.untimed:
+        notes.append(f"{timeline.untimed} outcomes of this run record no finish time (written before outcomes did): "
+                     "they are missing from the throughput plot")
 
     dead_parts = _parts(wd.deadletter(run_id), ".parquet")
-    dead: list[dict[str, Any]] = []
+    tally = FailureTally()
     for obj in dead_parts:
         with storage.open_read(obj.uri) as f:
-            dead.extend(pq.read_table(f).to_pylist())
-    items += [ItemTiming(d["uri"], kinds.get(d["uri"], "?"), False, _epoch(d.get("at")) or 0.0) for d in dead]
+            for batch in pq.ParquetFile(f).iter_batches(columns=["uri", "stage", "error_type", "message", "at"]):
+                for row in batch.to_pylist():
+                    tally.add(row)
+                    timeline.add(_epoch(row.get("at")) or 0.0, False)
 
     segments: dict[str, int] = {}
     emb_parts = _parts(wd.embeddings(run_id), ".parquet")
     for obj in emb_parts:
         with storage.open_read(obj.uri) as f:
-            for modality in pq.read_table(f, columns=["modality"]).column("modality").to_pylist():
-                segments[modality] = segments.get(modality, 0) + 1
+            counts = pc.value_counts(pq.read_table(f, columns=["modality"]).column("modality")).to_pylist()
+        for entry in counts:
+            segments[entry["values"]] = segments.get(entry["values"], 0) + entry["counts"]
 
     index_root = wd.index_root(summary["index_name"])
     manifest, version_note = _version_of_run(index_root, run_id, summary)
@@ -301,11 +282,11 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     part_times = [o.mtime for o in outcome_parts + dead_parts + emb_parts]
     local_config = None if storage.is_s3(wd.uri) else storage.join(wd.run_dir(run_id), JOB_CONFIG_NAME)
     return ReportData(
-        run_id=run_id, workdir=wd.uri, summary=summary, config=config, items=items,
-        failures=group_failures(dead),
-        failures_by_container=count_by(container_of(d.get("uri") or "") for d in dead),
-        failures_by_codec=count_by(codec_of(d.get("message") or "") for d in dead),
-        dead_letter_uris=len({d.get("uri") for d in dead}),
+        run_id=run_id, workdir=wd.uri, summary=summary, config=config, timeline=timeline,
+        failures=tally.groups(),
+        failures_by_container=by_count(tally.by_container),
+        failures_by_codec=by_count(tally.by_codec),
+        dead_letter_uris=tally.distinct_uris,
         segments_by_modality=dict(sorted(segments.items())),
         phases=_phases(wd, run_id, summary, max(part_times) if part_times else None, version_mtime),
         version=_version_info(manifest, summary) if manifest is not None else None,

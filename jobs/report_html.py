@@ -110,18 +110,11 @@ def _timing(d: ReportData) -> str:
     series = d.throughput()
     start = d.dag_start()
     if series and start is not None:
-        done = [i.finished_at - start for i in d.items if i.ok and i.finished_at]
-        failed = [i.finished_at - start for i in d.items if not i.ok and i.finished_at]
+        done, failed = d.timeline.cumulative(start, True), d.timeline.cumulative(start, False)
         parts.append(f"<div>{_plot(throughput_plot(series, done, failed), 'throughput over time')}</div>")
     if d.phases:
         parts.append(f"<div>{_plot(phases_plot([(p.name, p.start_s, p.seconds) for p in d.phases]), 'run phases')}</div>")
-    by_kind: dict[str, list[float]] = {}
-    for i in d.items:
-        if i.ok:
-            acc = by_kind.setdefault(i.kind, [0, 0.0, 0.0])
-            acc[0] += 1
-            acc[1] += i.media_s
-            acc[2] += i.decode_s
+    by_kind = {k: (t.items, t.media_s, t.decode_s) for k, t in d.timeline.kinds.items()}
     table = "".join(f"<tr><td>{esc(k)}</td><td class='n'>{n}</td><td class='n'>{m:.1f}</td><td class='n'>{t:.2f}</td>"
                     f"<td class='n'>{(m / t if t > 0 and m > 0 else 0):.1f}</td></tr>" for k, (n, m, t) in sorted(by_kind.items()))
     if table:

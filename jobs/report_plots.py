@@ -31,7 +31,8 @@ def svg_data_uri(fig: Figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def throughput_plot(series: Sequence[tuple[float, float]], finished: Sequence[float], failed: Sequence[float]) -> str:
+def throughput_plot(series: Sequence[tuple[float, float]], finished: Sequence[tuple[float, int]],
+                    failed: Sequence[tuple[float, int]]) -> str:
     """Media-seconds decoded per second over the DAG's time, with items finished (cumulative)."""
     with matplotlib.rc_context(_RC):
         fig = _figure()
@@ -43,10 +44,10 @@ def throughput_plot(series: Sequence[tuple[float, float]], finished: Sequence[fl
         ax.set_ylabel("media-seconds / second")
         ax2 = ax.twinx()
         ax2.spines["right"].set_visible(True)
-        if finished:
-            ax2.step(sorted(finished), range(1, len(finished) + 1), where="post", color="#333333", label="items done")
-        if failed:
-            ax2.step(sorted(failed), range(1, len(failed) + 1), where="post", color=FAIL, label="items failed")
+        for points, color, label in ((finished, "#333333", "items done"), (failed, FAIL, "items failed")):
+            if points:
+                ax2.step([0.0] + [t for t, _ in points], [0] + [n for _, n in points], where="pre", color=color,
+                         label=label)
         ax2.set_ylabel("items (cumulative)")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()

@@ -3,6 +3,7 @@ archive's names, the `report` command, and that a report never fails a run."""
 
 from __future__ import annotations
 
+import datetime
 import html.parser
 import json
 import os
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from xmodal_index.jobs import report as rp
+from xmodal_index.jobs import report_failures as rf
 from xmodal_index.jobs.report_html import esc, render
+from xmodal_index.jobs.report_timeline import Timeline
 
 from tests.media_factory import make_video
 from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
@@ -82,16 +85,16 @@ def test_group_failures_orders_groups_and_keeps_the_first_examples():
     rows = [{"uri": f"s3://b/{n}.mp4", "stage": "decode", "error_type": "DecodeError", "message": f"m{n}"}
             for n in (5, 1, 4, 2)]
     rows.append({"uri": "s3://b/x.wav", "stage": "probe", "error_type": "ProbeError", "message": "bad"})
-    groups = rp.group_failures(rows, examples=3)
+    groups = rf.group_failures(rows, examples=3)
     assert [(g.stage, g.count) for g in groups] == [("decode", 4), ("probe", 1)]
     assert groups[0].examples == (("s3://b/1.mp4", "m1"), ("s3://b/2.mp4", "m2"), ("s3://b/4.mp4", "m4"))
 
 
 def test_codec_and_container_names():
-    assert rp.codec_of("[h264 @ 0x55d0c0] Invalid NAL unit size") == "h264"
-    assert rp.codec_of("not a readable media container") == "unknown"
-    assert rp.container_of("s3://b/dir.v2/clip.MKV") == "mkv"
-    assert rp.container_of("/a/README") == "(none)"
+    assert rf.codec_of("[h264 @ 0x55d0c0] Invalid NAL unit size") == "h264"
+    assert rf.codec_of("not a readable media container") == "unknown"
+    assert rf.container_of("s3://b/dir.v2/clip.MKV") == "mkv"
+    assert rf.container_of("/a/README") == "(none)"
 
 
 class _Elements(html.parser.HTMLParser):
@@ -131,20 +134,42 @@ def test_the_page_loads_nothing_from_the_network(done_run):
     assert sources and all(value.startswith("data:") for value in sources)
 
 
-def test_per_item_times_give_throughput_and_phases(done_run):
+def test_outcomes_record_each_items_finish_time_media_and_decoder_seconds(done_run):
+    _, workdir, summary = done_run
+    parts = (workdir / "runs" / summary["run_id"] / "outcomes").glob("part-*.jsonl")
+    outcomes = {os.path.basename(o["uri"]): o for part in parts for o in map(json.loads, part.read_text().splitlines())}
+    assert len(outcomes) == summary["indexed"]
+    started = datetime.datetime.fromisoformat(summary["started_at"]).timestamp()
+    assert all(started < o["finished_at"] <= started + summary["wall_s"] and o["decode_s"] > 0 for o in outcomes.values())
+    assert outcomes["long.mp4"]["media_s"] == pytest.approx(3.0, abs=0.3)
+    assert outcomes["tone0.wav"]["media_s"] > 0 and outcomes["img0.png"]["media_s"] == 0.0
+
+
+def test_throughput_per_kind_and_phases_come_from_the_outcomes(done_run):
     _, workdir, summary = done_run
     data = rp.gather(str(workdir), summary["run_id"])
-    ok = {os.path.basename(i.uri): i for i in data.items if i.ok}
-    assert all(i.finished_at > 0 and i.decode_s > 0 for i in ok.values())
-    assert ok["long.mp4"].media_s == pytest.approx(3.0, abs=0.3)
-    assert ok["img0.png"].media_s == 0.0
+    kinds = data.timeline.kinds
+    assert {k: t.items for k, t in kinds.items()} == {"video": 2, "image": 3, "audio": 2, "text": 2}
+    assert kinds["image"].media_s == 0.0 and kinds["video"].media_s == pytest.approx(5.0, abs=0.5)
     series = data.throughput()
     assert len(series) == rp.THROUGHPUT_BINS
     width = series[1][0] - series[0][0]
-    assert sum(rate for _, rate in series) * width == pytest.approx(sum(i.media_s for i in ok.values()), rel=1e-6)
+    media = sum(t.media_s for t in kinds.values())
+    assert sum(rate for _, rate in series) * width == pytest.approx(media, rel=1e-6)
     names = [p.name for p in data.phases]
     assert names[:2] == ["list + plan", "decode + encode + write (Beam)"] and "index build + upload" in names
     assert sum(p.seconds for p in data.phases) <= summary["wall_s"] + 0.01
+
+
+def test_the_timeline_stays_small_however_many_items():
+    timeline = Timeline(bucket_s=0.05, max_buckets=64)
+    for n in range(10_000):
+        timeline.add(1_000.0 + n * 0.37, ok=n % 10 != 0, kind="video", media_s=2.0)
+    assert len(timeline.done) + len(timeline.failed) <= 64
+    assert sum(timeline.done.values()) == 9_000 and sum(timeline.failed.values()) == 1_000
+    series = timeline.throughput(start=1_000.0, bins=30)
+    assert sum(rate for _, rate in series) * (series[1][0] - series[0][0]) == pytest.approx(18_000.0)
+    assert timeline.cumulative(1_000.0, ok=True)[-1][1] == 9_000
 
 
 def test_outcomes_written_before_item_times_still_report(done_run, tmp_path):
@@ -157,7 +182,7 @@ def test_outcomes_written_before_item_times_still_report(done_run, tmp_path):
                                 for o in lines))
     data = rp.gather(str(copy), summary["run_id"])
     assert data.throughput() == []
-    assert any("no per-item times" in note for note in data.notes)
+    assert any("record no finish time" in note for note in data.notes)
     assert "Throughput and timing" in render(data)
 
 
@@ -245,3 +270,14 @@ def test_a_report_that_fails_never_fails_the_run(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "could not write the run report: RuntimeError: renderer exploded" in result.output
     assert not list((tmp_path / "w" / "runs").glob("*/report.html"))
+
+
+def test_retry_command_repeats_the_selection_runner_and_beam_flags():
+    summary = {"failed": 2, "source": "s3://arch/it's here", "workdir": "/w d", "index_name": "films",
+               "prefix": "2024/", "since": "2024-01-01T00:00:00+00:00", "until": None}
+    config = {"runner": "FlinkRunner", "beam_args": ["--parallelism=4", "--default_sdk_harness_log_level=WARNING"]}
+    args = shlex.split(rf.retry_command(summary, config, "/w d/runs/R/job-config.json"))
+    assert args == ["xmodal-index", "run", "--source", "s3://arch/it's here", "--workdir", "/w d", "--index-name", "films",
+                    "--config", "/w d/runs/R/job-config.json", "--prefix", "2024/", "--since",
+                    "2024-01-01T00:00:00+00:00", "--runner", "FlinkRunner", "--retry-failed", "--", "--parallelism=4"]
+    assert rf.retry_command({**summary, "failed": 0}, config, None) is None
