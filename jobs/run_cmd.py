@@ -14,6 +14,7 @@ from xmodal_index.jobs import loopback
 from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
 from xmodal_index.jobs.config import ConfigError, load_config
 from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups, printable
+from xmodal_index.jobs.portable import PortableEndpointError, check_portable_endpoints
 from xmodal_index.jobs.progress_display import DEFAULT_EVERY_S, ProgressSettings
 from xmodal_index.jobs.progress_display import configure as configure_progress
 from xmodal_index.jobs.run_job import (
@@ -215,6 +216,10 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG and not any(
             a.startswith("--default_sdk_harness_log_level") for a in beam_args):
         beam_args = (*beam_args, "--default_sdk_harness_log_level=WARNING")  # worker processes: Beam's INFO from -vv on
+    try:
+        check_portable_endpoints(beam_args)
+    except PortableEndpointError as err:
+        _usage_error(f"after --: {err}")
     selection = _selection(prefix, since, until)
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     configure_progress(ProgressSettings(enabled=progress, every_s=progress_every_s))

@@ -4,11 +4,23 @@ The model handler loads the encoder once per worker process (RunInference shares
 it across the bundles and threads of a process) and encodes each batch grouped by
 modality. A batch that fails to encode goes to the dead-letter output, one row per
 item, and the run goes on.
+
+Workers on other machines must not depend on the submitting process's files: a
+checkpoint given as a local path travels with the job (``stage_checkpoint``): it
+is uploaded beside the run's outputs when the workdir is object storage (and the
+workers download it once per process), or made absolute when the workdir is a
+local file system the workers share. ``bundled`` and untrained encoders need
+nothing but the package.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 from collections import defaultdict
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -17,9 +29,10 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from xmodal_index.encoders.base import CrossModalEncoder
-from xmodal_index.encoders.config import EncoderConfig
+from xmodal_index.encoders.config import BUNDLED_CHECKPOINT, EncoderConfig
 from xmodal_index.encoders.loading import load_encoder
 from xmodal_index.pipeline.types import DeadLetter, Segment
+from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import segment_id
 
 logger = logging.getLogger(__name__)
@@ -54,6 +67,52 @@ def encode_segments(model: CrossModalEncoder, segments: Sequence[Segment], run_i
     return rows  # type: ignore[return-value]
 
 
+def stage_checkpoint(config: EncoderConfig, workdir: str, stage_uri: str) -> EncoderConfig:
+    """``config`` with its checkpoint reachable from any worker (see the module docstring).
+
+    A local checkpoint file or folder is copied under ``stage_uri`` when ``workdir``
+    is object storage; with a local workdir its path is made absolute.
+    """
+    ckpt = config.checkpoint
+    if ckpt in ("", BUNDLED_CHECKPOINT) or storage.is_s3(ckpt):
+        return config
+    local = os.path.abspath(ckpt)
+    if not storage.is_s3(workdir):
+        return dataclasses.replace(config, checkpoint=local)
+    if not os.path.exists(local):
+        raise FileNotFoundError(f"encoder checkpoint {ckpt!r} not found (resolved to {local})")
+    target = storage.join(stage_uri, os.path.basename(local.rstrip(os.sep)))
+    if os.path.isdir(local):
+        for root, _, files in os.walk(local):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                storage.put_file(path, storage.join(target, os.path.relpath(path, local).replace(os.sep, "/")))
+    else:
+        storage.put_file(local, target)
+    logger.info("encoder checkpoint %s staged at %s for the workers", ckpt, target)
+    return dataclasses.replace(config, checkpoint=target)
+
+
+def _fetch_checkpoint(uri: str, into: str) -> str:
+    """A staged checkpoint (file or folder) copied into the local folder ``into``; its local path."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    local = os.path.join(into, name)
+    if storage.exists(uri):
+        with storage.local_path(uri) as path:
+            with open(path, "rb") as src, open(local, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        return local
+    for obj in storage.list_objects(uri):
+        rel = obj.uri[len(uri.rstrip("/")) + 1:]
+        dest = os.path.join(local, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with storage.local_path(obj.uri) as path, open(path, "rb") as src, open(dest, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    return local
+
+
 class SegmentModelHandler(ModelHandler[Segment, dict, CrossModalEncoder]):
     """RunInference model handler for any CrossModalEncoder named by an EncoderConfig."""
 
@@ -63,7 +122,12 @@ class SegmentModelHandler(ModelHandler[Segment, dict, CrossModalEncoder]):
         self._run_id = run_id
 
     def load_model(self) -> CrossModalEncoder:
-        model = load_encoder(self._config)
+        config = self._config
+        if storage.is_s3(config.checkpoint):  # staged by stage_checkpoint: one copy per worker process
+            into = tempfile.mkdtemp(prefix="xmodal-encoder-")
+            atexit.register(shutil.rmtree, into, True)
+            config = dataclasses.replace(config, checkpoint=_fetch_checkpoint(config.checkpoint, into))
+        model = load_encoder(config)
         logger.info("loaded encoder %s", model.model_id)
         return model
 
@@ -105,10 +169,12 @@ class EncodeSegments(beam.PTransform):
     that had a batch fail to encode.
     """
 
-    def __init__(self, config: EncoderConfig, run_id: str):
+    def __init__(self, config: EncoderConfig, run_id: str, workdir: str | None = None):
         super().__init__()
         self._config = config
         self._run_id = run_id
+        if workdir is not None:  # the checkpoint travels with the job (stage_checkpoint)
+            self._config = stage_checkpoint(config, workdir, storage.join(workdir, "runs", run_id, "encoder"))
 
     def expand(self, segments):
         handler = SegmentModelHandler(self._config, self._run_id)
