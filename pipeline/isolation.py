@@ -17,6 +17,14 @@ The parent kills the child and starts a fresh one, lazily, when it
 - runs out of its address space (``RLIMIT_AS`` = ``memory_mb``): ``DecoderCrashedError``.
 A ``DecodeError`` raised inside the child comes back as the same class and message.
 
+Native decoder messages (FFmpeg's ``[h264 @ 0x...] ...``, decord's
+``threaded_decoder.cc:...``, a crash's native traceback) never reach the console:
+a worker's file descriptor 2 points at a private log file, emptied before each
+item. What an item left there comes back with its reply, summarised
+(:func:`summarize_native_log`): appended to the item's error (so its dead letter
+says what the decoder said) or, for an item that decoded, logged at DEBUG with
+the item's URI. For a worker that died, the parent reads the file itself.
+
 ``decode_fn`` replaces ``decode_item`` with another module-level function of
 (item, config) that yields segments (a different decoder, or a fault injected by
 a test). Create it where it is used (a DoFn's ``setup``); pickling one carries
@@ -35,9 +43,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -53,6 +63,34 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0  # a fresh worker must import its decoders within this
 _STOP_GRACE_S = 5.0
 _EXIT_OUT_OF_MEMORY = 75
+NATIVE_LOG_TAIL_BYTES = 64 * 1024  # of one item's native messages, the last this many bytes are read
+NATIVE_NOTE_CHARS = 600  # the summary added to an error or a debug line
+
+_POINTER = re.compile(r" @ 0x[0-9a-fA-F]+\]")
+
+
+def summarize_native_log(text: str, max_chars: int = NATIVE_NOTE_CHARS) -> str:
+    """Native decoder output as one line: distinct messages in order of first appearance,
+    repeats counted, object addresses dropped (``[h264 @ 0x55..] x`` -> ``[h264] x``)."""
+    counts: dict[str, int] = {}
+    for raw in text.splitlines():
+        line = " ".join(_POINTER.sub("]", raw).split())
+        if line:
+            counts[line] = counts.get(line, 0) + 1
+    parts = [f"{line} (x{n})" if n > 1 else line for line, n in counts.items()]
+    out = "; ".join(parts)
+    return out if len(out) <= max_chars else out[:max_chars - 3] + "..."
+
+
+def _read_native_log(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - NATIVE_LOG_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return ""
+    return summarize_native_log(data.decode("utf-8", errors="replace"))
 
 
 # --------------------------------------------------------------------------- child
@@ -74,35 +112,66 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def _serve_one(conn, fn: Callable[..., Iterable[Any]], args: tuple) -> None:
-    """Run one request, streaming its results; stop early when the parent cancels."""
+def _capture_native_output(log_path: str) -> None:
+    """Point file descriptor 2 (where FFmpeg, decord and faulthandler write) at the log file."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _start_native_log() -> None:
+    """Empty the log before an item (O_APPEND: the next message starts the file again)."""
+    try:
+        sys.stderr.flush()
+        os.ftruncate(2, 0)
+    except (OSError, ValueError):
+        pass
+
+
+def _native_notes(log_path: str | None) -> str:
+    if log_path is None:
+        return ""
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return _read_native_log(log_path)
+
+
+def _serve_one(conn, fn: Callable[..., Iterable[Any]], args: tuple, log_path: str | None = None) -> None:
+    """Run one request, streaming its results; stop early when the parent cancels. The
+    reply that ends it carries the item's native decoder messages, summarised."""
     sent = 0
+    _start_native_log()
     try:
         for result in fn(*args):
             if conn.poll() and conn.recv()[0] == "cancel":
-                conn.send(("cancelled", sent))
+                conn.send(("cancelled", sent, _native_notes(log_path)))
                 return
             conn.send(("item", result))
             sent += 1
-        conn.send(("done", sent))
+        conn.send(("done", sent, _native_notes(log_path)))
     except MemoryError:
         try:
             conn.send(("memory", ""))
         finally:
             os._exit(_EXIT_OUT_OF_MEMORY)
     except DecodeError as err:
+        notes = _native_notes(log_path)
         try:
-            conn.send(("error", err))
+            conn.send(("error", err, notes))
         except Exception:  # an unpicklable attribute: send the essentials
-            conn.send(("error", DecodeError(str(err), stage=err.stage)))
+            conn.send(("error", DecodeError(str(err), stage=err.stage), notes))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which decides
-        conn.send(("failed", f"{type(err).__name__}: {err}", traceback.format_exc()))
+        conn.send(("failed", f"{type(err).__name__}: {err}", traceback.format_exc(), _native_notes(log_path)))
 
 
-def _worker_main(conn, memory_mb: int, parent_pid: int) -> None:
+def _worker_main(conn, memory_mb: int, parent_pid: int, log_path: str | None = None) -> None:
     """Entry point of a worker process: serve requests until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    faulthandler.enable()  # a crash leaves its native traceback on stderr
+    if log_path is not None:
+        _capture_native_output(log_path)
+    faulthandler.enable()  # a crash leaves its native traceback in the log (stderr without one)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     _limit_memory(memory_mb)
     conn.send(("ready", os.getpid()))
@@ -118,7 +187,7 @@ def _worker_main(conn, memory_mb: int, parent_pid: int) -> None:
             return
         if message[0] == "run":
             try:
-                _serve_one(conn, message[1], message[2])
+                _serve_one(conn, message[1], message[2], log_path)
             except OSError:  # the parent closed its end: nobody to serve
                 return
         # anything else is a cancel that arrived after its request ended: nothing to do
@@ -156,7 +225,9 @@ class _Worker:
 
     def __init__(self, ctx: multiprocessing.context.BaseContext, memory_mb: int) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, memory_mb, os.getpid()),
+        fd, self.log_path = tempfile.mkstemp(prefix="xmodal-decode-", suffix=".log")
+        os.close(fd)
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, memory_mb, os.getpid(), self.log_path),
                                    name="xmodal-decode-worker", daemon=True)
         with _main_module_hidden():
             self.process.start()
@@ -181,11 +252,17 @@ class _Worker:
             return "ran out of memory"
         return f"exited with status {code}"
 
+    def native_notes(self) -> str:
+        """The summarised native messages of the worker's current (or last) item."""
+        return _read_native_log(self.log_path)
+
     def kill(self) -> None:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(_STOP_GRACE_S)
         self.conn.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
 
     def stop(self, busy: bool) -> None:
         if busy or not self.process.is_alive():
@@ -231,6 +308,8 @@ class _Request:
             return message[1]
         self.closed = True
         if kind in ("done", "cancelled"):
+            if len(message) > 2 and message[2]:
+                logger.debug("%s: decoder messages: %s", self.uri, message[2])
             raise StopIteration
         raise self.owner._error_from(self, message)
 
@@ -388,7 +467,7 @@ class IsolatedDecoder:
         try:
             message = worker.conn.recv()
         except (EOFError, OSError):
-            message = ("crashed", f"decode worker (pid {worker.pid}) {worker.describe_exit()}")
+            message = ("crashed", f"decode worker (pid {worker.pid}) {worker.describe_exit()}", worker.native_notes())
         except Exception as err:  # a message that does not unpickle here
             message = ("crashed", f"unreadable reply from the decode worker: {type(err).__name__}: {err}")
         request.progress_s = request.waited_s
@@ -431,6 +510,14 @@ class IsolatedDecoder:
         return message
 
     def _error_from(self, request: _Request, message: tuple) -> DecodeError:
+        err = self._plain_error_from(request, message)
+        kind, *rest = message
+        notes = {"error": rest[1:2], "failed": rest[2:3], "crashed": rest[1:2]}.get(kind)
+        if notes and notes[0]:
+            return with_decoder_messages(err, notes[0])
+        return err
+
+    def _plain_error_from(self, request: _Request, message: tuple) -> DecodeError:
         kind, *rest = message
         uri = request.uri
         if kind == "error" and isinstance(rest[0], DecodeError):
@@ -464,6 +551,14 @@ class IsolatedDecoder:
             logger.warning("%s: decode worker did not stop after a cancel; restarting it", request.uri)
             self._end(request)
             self._drop_worker(request.slot, request.worker)
+
+
+def with_decoder_messages(err: DecodeError, notes: str) -> DecodeError:
+    """The same error (class and stage) with what the native decoder said appended."""
+    try:
+        return type(err)(f"{err}; decoder said: {notes}", stage=err.stage)
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return err
 
 
 def _size_of(result: Any) -> int:

@@ -14,13 +14,17 @@ import time
 
 import numpy as np
 import pytest
-
-from tests import media_factory as mf
-from xmodal_index.pipeline.decode import (DecodeConfig, DecoderCrashedError, DecodeTimeoutError, ProbeError,
-                                          decode_item)
+from xmodal_index.pipeline.decode import (
+    DecodeConfig,
+    DecoderCrashedError,
+    DecodeTimeoutError,
+    ProbeError,
+    decode_item,
+)
 from xmodal_index.pipeline.isolation import IsolatedDecoder
 from xmodal_index.pipeline.types import MediaItem
 
+from tests import media_factory as mf
 
 # -- run inside the worker ------------------------------------------------------------
 
@@ -178,3 +182,62 @@ def test_abandoning_decode_many_midway_leaves_the_workers_reusable(clip):
             break
         assert [len(list(s)) for _, s in decoder.decode_many(items)] == [4, 4, 4, 4]
         assert decoder.restarts == 0
+
+
+# -- native decoder messages ------------------------------------------------------------
+
+def native_chatter(text: str, fail: bool):
+    """Writes to file descriptor 2 as FFmpeg's C code does, then yields or fails."""
+    os.write(2, text.encode())
+    if fail:
+        raise ProbeError("fault://chatter: not a readable media container")
+    yield "decoded"
+
+
+def faststart_cut(directory) -> str:
+    """An mp4 with its index in front, cut in half: FFmpeg says "partial file" on stderr."""
+    whole = mf.make_video(directory / "whole.mp4", duration_s=6.0, faststart=True).read_bytes()
+    path = directory / "cut.mp4"
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+def test_native_messages_of_a_failed_item_go_into_its_error_not_the_console(decoder, capfd):
+    chatter = "[h264 @ 0x55d0c0ffee00] Invalid NAL unit size (1234 > 56)\n" * 3 + "threaded_decoder.cc:292: oops\n"
+    with pytest.raises(ProbeError) as info:
+        list(decoder._run_callable(native_chatter, chatter, True))
+    message = str(info.value)
+    assert "decoder said: [h264] Invalid NAL unit size (1234 > 56) (x3); threaded_decoder.cc:292: oops" in message
+    assert "0x55d0c0ffee00" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_native_messages_of_a_decoded_item_are_a_debug_line_naming_it(decoder, capfd, caplog):
+    with caplog.at_level("DEBUG", logger="xmodal_index.pipeline.isolation"):
+        assert list(decoder._run_callable(native_chatter, "[aac @ 0x1] concealing 3 errors\n", False,
+                                          uri="/a/clip.mp4")) == ["decoded"]
+    assert "/a/clip.mp4: decoder messages: [aac] concealing 3 errors" in caplog.text
+    assert capfd.readouterr().err == ""
+
+
+def test_messages_of_one_item_do_not_follow_the_next(decoder):
+    with pytest.raises(ProbeError, match="first item"):
+        list(decoder._run_callable(native_chatter, "first item\n", True))
+    with pytest.raises(ProbeError) as info:
+        list(decoder._run_callable(native_chatter, "second item\n", True))
+    assert "first item" not in str(info.value) and "second item" in str(info.value)
+
+
+def test_a_crashed_workers_native_traceback_goes_into_the_error(decoder, capfd):
+    with pytest.raises(DecoderCrashedError, match="SIGSEGV") as info:
+        list(decoder._run_callable(segfault))
+    assert "Segmentation fault" in str(info.value)
+    assert "Segmentation fault" not in capfd.readouterr().err
+
+
+def test_a_real_cut_file_names_ffmpegs_reason(decoder, tmp_path, capfd):
+    path = faststart_cut(tmp_path)
+    with pytest.raises(Exception) as info:
+        list(decoder.decode(item_for(path)))
+    assert "partial file" in str(info.value)
+    assert "partial file" not in capfd.readouterr().err
