@@ -23,7 +23,8 @@ DIM, BITS = 16, 32
 BUILD = IndexBuildConfig(recall_sample=20)
 
 
-def publish(root, n: int, *, seed: int, model_id: str = "tiny@feedbeef", publish: bool = True) -> str:
+def publish(root, n: int, *, seed: int, model_id: str = "tiny@feedbeef", publish: bool = True,
+            version: str | None = None) -> str:
     """Build a small version of ``n`` video rows under ``root``; returns its name."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, DIM)).astype(np.float32)
@@ -37,7 +38,7 @@ def publish(root, n: int, *, seed: int, model_id: str = "tiny@feedbeef", publish
                          model_id=model_id, run_id=f"r{seed}")
 
     return build_version(batches, str(root), model_id=model_id, dim=DIM, bits=BITS, config=BUILD,
-                         publish=publish).version
+                         publish=publish, version=version).version
 
 
 def tamper(root, version: str) -> None:
@@ -246,3 +247,38 @@ def test_readers_never_fail_while_versions_swap_back_and_forth(root):
 def test_config_rejects_bad_values_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HotSwapConfig(**kwargs)
+
+
+def test_a_version_number_published_again_with_another_manifest_is_examined_again(root):
+    with IndexHandle(str(root), HotSwapConfig(poll_s=60)) as handle:
+        bad = publish(root, 50, seed=2, publish=False)
+        tamper(root, bad)
+        write_latest_unchecked(str(root), bad)
+        assert handle.refresh() is False and bad in handle.status().refused
+        # The same number published again, now with a manifest that matches its files.
+        shutil.rmtree(root / bad)
+        assert publish(root, 50, seed=3, publish=False, version=bad) == bad
+        write_latest_unchecked(str(root), bad)
+        assert handle.refresh() is True
+        assert handle.status().version == bad
+
+
+@pytest.mark.parametrize("content", ["symlink", "large", "garbage"])
+def test_status_never_echoes_what_latest_holds(root, tmp_path, content):
+    secret = "root:x:0:0:root:/root:/bin/bash\nadmin:SECRET-CONTENT\n"  # at most a short prefix may show
+    latest = root / "LATEST"
+    with IndexHandle(str(root), HotSwapConfig(poll_s=60)) as handle:
+        latest.unlink()
+        if content == "symlink":
+            target = tmp_path / "passwd"
+            target.write_text(f"v000001\n{secret}\n")
+            latest.symlink_to(target)
+        elif content == "large":
+            latest.write_text("v000001\n" + secret * 1000)
+        else:
+            latest.write_text(secret + "\n")
+        assert handle.refresh() is False
+        status = handle.status()
+    assert status.version == "v000001"  # still serving what it had
+    assert "SECRET" not in (status.last_error or "") and "SECRET" not in repr(status.refused)
+    assert "\n" not in status.last_error and len(status.last_error) <= 300
