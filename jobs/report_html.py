@@ -14,7 +14,7 @@ import html
 from collections.abc import Iterable
 from typing import Any
 
-from xmodal_index.jobs.report import ReportData
+from xmodal_index.jobs.report import JOB_CONFIG_NAME, ReportData
 from xmodal_index.jobs.report_plots import (
     COLORS,
     FAIL,
@@ -22,6 +22,7 @@ from xmodal_index.jobs.report_plots import (
     phases_plot,
     throughput_plot,
 )
+from xmodal_index.sinks.workdir import Workdir
 
 CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -147,6 +148,9 @@ def _failures(d: ReportData) -> str:
     retry = ""
     if d.retry_command:
         retry = f"<p>Retry the failed inputs once they are fixed:</p><pre>{esc(d.retry_command)}</pre>"
+        if d.workdir.startswith("s3://"):
+            retry += (f"<p class='meta'>with <code>{esc(JOB_CONFIG_NAME)}</code> copied here from "
+                      f"<code>{esc(Workdir(d.workdir).run_dir(d.run_id))}/{esc(JOB_CONFIG_NAME)}</code></p>")
     return (f"<section><h2>Failures</h2><div class='grid'><div class='wide'>{plot}</div>{side}</div>"
             f"<table><tr><th>stage</th><th>error class</th><th>count</th><th>first inputs</th></tr>{''.join(groups)}</table>"
             f"{retry}</section>")

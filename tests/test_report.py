@@ -16,9 +16,17 @@ from xmodal_index.jobs import report as rp
 from xmodal_index.jobs import report_failures as rf
 from xmodal_index.jobs.report_html import esc, render
 from xmodal_index.jobs.report_timeline import Timeline
+from xmodal_index.sinks import storage
 
 from tests.media_factory import make_video
-from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
+from tests.run_helpers import (
+    invoke,
+    make_archive,
+    run_args,
+    summaries,
+    upload_tree,
+    write_config,
+)
 
 HOSTILE_DIR = "<script>alert(1)<"  # with the file below: videos/<script>alert(1)</script>.mp4
 HOSTILE = "<script>alert(1)</script>.mp4"
@@ -281,3 +289,40 @@ def test_retry_command_repeats_the_selection_runner_and_beam_flags():
                     "--config", "/w d/runs/R/job-config.json", "--prefix", "2024/", "--since",
                     "2024-01-01T00:00:00+00:00", "--runner", "FlinkRunner", "--retry-failed", "--", "--parallelism=4"]
     assert rf.retry_command({**summary, "failed": 0}, config, None) is None
+
+
+def test_a_run_that_cannot_complete_still_gets_a_report_with_its_error(tmp_path):
+    result = invoke(*run_args(tmp_path / "no-such-archive", tmp_path / "w", write_config(tmp_path)))
+    assert result.exit_code == 1, result.output
+    (page,) = (tmp_path / "w" / "runs").glob("*/report.html")
+    text = page.read_text()
+    assert "exit code 1" in text and "no-such-archive" in text and "<b>error:</b>" in text
+    assert "this run built no index version" in text
+
+
+def test_report_command_reads_a_workdir_on_object_storage(done_run, s3_bucket, tmp_path):
+    _, workdir, summary = done_run
+    upload_tree(workdir, s3_bucket + "/work")
+    out = tmp_path / "r.html"
+    result = invoke("report", "--workdir", s3_bucket + "/work", "--run", summary["run_id"], "--out", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "inputs 11 == indexed 9 + unchanged 0 + failed 2" in page and "ProbeError" in page
+    assert "v000001" in page and "data:image/jpeg;base64," in page
+
+
+@pytest.mark.slow
+def test_a_run_on_object_storage_writes_its_report_there(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")  # the job sets these for Beam's S3 client when unset
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    make_archive(tmp_path / "a")
+    _corrupt(tmp_path / "a" / "videos" / "broken.mp4")
+    upload_tree(tmp_path / "a", s3_bucket + "/archive")
+    work = s3_bucket + "/work"
+    result = invoke(*run_args(s3_bucket + "/archive", work, write_config(tmp_path)))
+    assert result.exit_code == 0, result.output
+    (summary,) = summaries(work)
+    page = storage.read_bytes(f"{work}/runs/{summary['run_id']}/report.html").decode()
+    assert "invariant holds" in page and "data:image/jpeg;base64," in page
+    assert f"{work}/runs/{summary['run_id']}/job-config.json" in page
+    assert storage.exists(f"{work}/runs/{summary['run_id']}/job-config.json")
