@@ -199,26 +199,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.deadline = self._started + self.server.app.config.request_timeout_s  # the body's budget
         return ok
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
+    def __getattr__(self, name: str) -> Any:
+        """``do_<METHOD>`` for every method token: the route table answers (405 with Allow, or 404)."""
+        method = name[3:]
+        if name.startswith("do_") and method.isascii() and method.isalpha() and method.isupper():
+            return lambda: self._dispatch(method)
+        raise AttributeError(name)
 
     def _dispatch(self, method: str) -> None:
         path = urllib.parse.urlsplit(self.path).path
