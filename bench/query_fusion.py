@@ -142,10 +142,12 @@ def sample_archive() -> dict:
                         if key not in vecs:
                             payload = r["text"] if q == "text" else None
                             if q == "text":
-                                vecs[key] = index.embed(Query("text", payload))[0][0].tolist()
+                                query = Query("text", payload)
+                            elif q in ("audio", "video"):
+                                query = Query(q, r["uri"], r["start_s"], r["end_s"])
                             else:
-                                vecs[key] = index.embed(Query(q, r["uri"], *((r["start_s"], r["end_s"])
-                                                                              if q in ("audio", "video") else (None, None))))[0][0].tolist()
+                                query = Query(q, r["uri"])
+                            vecs[key] = index.embed(query)[0][0].tolist()
                         hits = index.search(embedding=vecs[key], k=n_db, modalities=targets, fusion=meth)
                         rel = np.array([truth.get((h.uri, h.modality, h.start_s)) == truth[key] for h in hits])
                         ap = average_precision(rel)

@@ -35,8 +35,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from xmodal_index.encoders.hashing import RandomProjectionHash
 logger = logging.getLogger(__name__)
 
 KIND = "sentence_transformers"
-BASE_TEXT_WEIGHT = 0.5  # weight of the base encoder's text embedding in a text row (unit norm overall)
+BASE_TEXT_WEIGHT = 0.2  # weight of the base encoder's text embedding in a text row (unit norm overall)
 TEXT_MODEL_WEIGHT = math.sqrt(1.0 - BASE_TEXT_WEIGHT ** 2)
 _PACKAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

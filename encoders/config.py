@@ -52,7 +52,8 @@ class EncoderConfig:
         if self.threads < 0:
             raise ValueError(f"encoder {self.threads = } must be >= 0")
         if self.text_kind not in TEXT_KINDS:
-            raise ValueError(f"encoder text_kind {self.text_kind!r} is not one of {', '.join(repr(k) for k in TEXT_KINDS)}")
+            kinds = ", ".join(repr(k) for k in TEXT_KINDS)
+            raise ValueError(f"encoder text_kind {self.text_kind!r} is not one of {kinds}")
         if bool(self.text_kind) != bool(self.text_model):
             raise ValueError("encoder text_kind and text_model go together: text_kind = \"sentence_transformers\" "
                              "with text_model = a local model directory or an installed model package")

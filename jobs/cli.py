@@ -125,7 +125,8 @@ LAZY_COMMANDS = {
     "serve": ("xmodal_index.jobs.serve_cmd", "serve",
               "Serve queries over HTTP, hot-swapping to each new LATEST version."),
     "report": ("xmodal_index.jobs.report_cmd", "report",
-               "Write a run's self-contained HTML report: counts, throughput, failures, index version, sample hits."),
+               "Write a run's self-contained HTML report: counts, throughput, failures, index version, "
+               "sample hits."),
 }
 
 

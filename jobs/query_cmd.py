@@ -16,7 +16,7 @@ import click
 QUERY_KEYS = ("text", "audio", "image", "video")
 EXIT_ERROR = 1
 FUSIONS = ("calibrated", "rrf", "zscore", "score")  # = xmodal_index.query.fusion.FUSIONS (--help imports nothing heavy)
-DEFAULT_CANDIDATES = 100  # xmodal_index.sinks.serving.loader.DEFAULT_CANDIDATES (kept here: --help imports nothing heavy)
+DEFAULT_CANDIDATES = 100  # = sinks.serving.loader.DEFAULT_CANDIDATES (kept here: --help imports nothing heavy)
 SEGMENT_MODES = ("per-segment", "fused")
 ON_ERROR = ("skip", "stop")
 
@@ -74,7 +74,8 @@ def _fail(message: str) -> None:
 @click.option("--index-name", default="main", help="With a workdir: which of its indexes to query.")
 @click.option("--version", default=None, help="Index version to load, e.g. v000003 (default: the one named by LATEST).")
 @click.option("--text", default=None, help="Text query (must not be empty).")
-@click.option("--audio", type=click.Path(dir_okay=False), default=None, help="Audio file query (any format PyAV decodes).")
+@click.option("--audio", type=click.Path(dir_okay=False), default=None,
+              help="Audio file query (any format PyAV decodes).")
 @click.option("--image", type=click.Path(dir_okay=False), default=None, help="Image file query.")
 @click.option("--video", type=click.Path(dir_okay=False), default=None,
               help="Video file query (frames sampled as the index's run sampled them).")
@@ -93,7 +94,8 @@ def _fail(message: str) -> None:
                    "segment; fused: one list, each moment at its best score over the segments (default: the "
                    "file is one query).")
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, help="Hits per query.")
-@click.option("--modality", default=None, help="Search only these streams, comma-separated from video,audio,image,text (default: all).")
+@click.option("--modality", default=None,
+              help="Search only these streams, comma-separated from video,audio,image,text (default: all).")
 @click.option("--per-modality", "per_modality", type=click.IntRange(1, 10000), default=None,
               help="Return the best K hits of each searched stream, grouped by stream (instead of -k merged hits).")
 @click.option("--fusion", type=click.Choice(FUSIONS), default="rrf",
@@ -108,7 +110,8 @@ def _fail(message: str) -> None:
 @click.option("--two-stage", is_flag=True,
               help="Hamming prefilter on the hash codes, then exact float re-rank (default: float ANN search).")
 @click.option("--candidates", type=click.IntRange(1, 1_000_000), default=None,
-              help=f"With --two-stage: Hamming candidates per shard to re-rank (default: max(k, {DEFAULT_CANDIDATES})).")
+              help=f"With --two-stage: Hamming candidates per shard to re-rank "
+                   f"(default: max(k, {DEFAULT_CANDIDATES})).")
 def query(index_uri, index_name, version, text, audio, image, video, embedding, queries, start_s, end_s, segments,
           k, modality, per_modality, fusion, on_error, as_json, two_stage, candidates):
     """Find the moments matching a query in every modality of a published index."""
@@ -142,7 +145,7 @@ def query(index_uri, index_name, version, text, audio, image, video, embedding, 
                 try:
                     v = json.loads(v)
                 except ValueError as err:
-                    raise click.BadParameter(f"not a JSON list of numbers: {err}", param_hint="--embedding")
+                    raise click.BadParameter(f"not a JSON list of numbers: {err}", param_hint="--embedding") from err
             todo: Any = [QueryLine("", 1, Query(m, v, start_s, end_s), None)]
         else:
             todo = read_queries(queries)

@@ -28,9 +28,9 @@ from xmodal_index.query.errors import BadQueryError, QueryError
 from xmodal_index.query.hits import hit_json  # noqa: F401 - re-exported for the service
 from xmodal_index.query.media import decode_query_media
 from xmodal_index.query.request import QUERY_KEYS, Query, check_text
+from xmodal_index.sinks.schema import MODALITIES
 from xmodal_index.sinks.serving.hot_swap import Served
 from xmodal_index.sinks.serving.loader import IndexVersion
-from xmodal_index.sinks.schema import MODALITIES
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _form_parts(body: bytes, boundary: bytes) -> list[tuple[str, str, bytes]]:
     pos = data.find(sep)
     if pos < 0:
         raise RequestError(400, "the multipart body does not contain its boundary")
-    parts = []
+    parts: list[tuple[str, str, bytes]] = []
     while True:
         start = pos + len(sep)
         if data.startswith(b"--", start):
@@ -245,7 +245,7 @@ def _decode_upload(request: QueryRequest) -> Any:
         except QueryError as err:
             raise RequestError(400, f"the uploaded {request.modality} {name!r} has no {request.modality} "
                                     "stream") from err
-        except Exception as err:  # noqa: BLE001 - any decoder failure is the upload's fault
+        except Exception as err:
             reason = str(err).replace(path, name).splitlines()[0] if str(err) else type(err).__name__
             raise RequestError(400, f"cannot decode the uploaded {request.modality} {name!r}: "
                                     f"{reason[:_MAX_MESSAGE]}") from err

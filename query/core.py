@@ -14,12 +14,12 @@ returned grouped, ``per_modality`` hits each.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from xmodal_index.query import fusion as fu
 from xmodal_index.query.errors import BadQueryError, QueryError
 from xmodal_index.query.hits import Hit
@@ -114,9 +114,11 @@ class QueryIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from xmodal_index.sinks.serving import cache
+
         tables = []
         for entry in self.manifest.id_maps:
-            table = pq.read_table(os.path.join(self._version.local_dir, entry.file))
+            table = pq.read_table(cache.file_path(self._version.local_dir, entry.file))
             tables.append(table.drop_columns([c for c in table.column_names if c == "vector_row"]))
         if not tables:
             return pa.table({})
@@ -250,14 +252,17 @@ class QueryIndex:
             return self._pair_stats
 
     def _vector_samples(self) -> dict[str, np.ndarray]:
+        from xmodal_index.sinks.errors import SinkError
+        from xmodal_index.sinks.serving import cache
+
         by_modality: dict[str, list[np.ndarray]] = {}
         for shard in self.manifest.shards:
             if shard.kind != "float" or not shard.vectors:
                 continue
             try:
-                vectors = np.load(os.path.join(self._version.local_dir, shard.vectors), mmap_mode="r",
+                vectors = np.load(cache.file_path(self._version.local_dir, shard.vectors), mmap_mode="r",
                                   allow_pickle=False)
-            except (OSError, ValueError):
+            except (OSError, ValueError, SinkError):
                 return {}
             if vectors.ndim != 2 or vectors.shape[1] != self.manifest.dim:
                 return {}

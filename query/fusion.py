@@ -99,7 +99,7 @@ def fused_scores(per_modality: Mapping[str, Sequence[float]], method: str,
     if method == "rrf":
         return {m: [1.0 / (RRF_K + rank) for rank in range(1, len(scores) + 1)]
                 for m, scores in per_modality.items()}
-    out = {}
+    out: dict[str, list[float]] = {}
     for m, scores in per_modality.items():
         top = [float(s) for s in scores[:ZSCORE_DEPTH]]
         if not top:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
 from xmodal_index.query.errors import BadQueryError, QueryError
 
 MEDIA_MODALITIES = ("audio", "image", "video")

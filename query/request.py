@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from xmodal_index.query.errors import BadQueryError
 from xmodal_index.query.media import check_range
 from xmodal_index.sinks.schema import MODALITIES

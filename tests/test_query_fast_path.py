@@ -1,0 +1,47 @@
+"""The CLI's fixed costs: `--help` and `query --help` import nothing heavy; commands load lazily."""
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+HEAVY = ("apache_beam", "torch", "faiss", "av", "decord", "pyarrow", "boto3")
+PROBE = (
+    "import sys\n"
+    "from xmodal_index.jobs.cli import cli\n"
+    "try:\n"
+    "    cli(args=sys.argv[1:], prog_name='xmodal-index', standalone_mode=False)\n"
+    "finally:\n"
+    "    print('HEAVY=' + ','.join(m for m in {heavy!r} if m in sys.modules))\n"
+)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["query", "--help"]])
+def test_help_imports_nothing_heavy(args):
+    out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,
+                         check=True)
+    assert "Usage: xmodal-index" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_every_command_is_listed_and_its_summary_is_its_own():
+    from xmodal_index.jobs.cli import LAZY_COMMANDS, cli
+
+    ctx = click.Context(cli)
+    assert set(LAZY_COMMANDS) <= set(cli.list_commands(ctx))
+    for name, (_, _, summary) in LAZY_COMMANDS.items():
+        command = cli.get_command(ctx, name)
+        if command is None:  # an optional module that is not installed
+            continue
+        assert command.get_short_help_str(500) == summary, name
+
+
+def test_unknown_command_is_still_refused_by_name():
+    from click.testing import CliRunner
+
+    from xmodal_index.jobs.cli import cli
+
+    result = CliRunner().invoke(cli, ["qurey"])
+    assert result.exit_code == 2
+    assert "No such command 'qurey'" in result.output
