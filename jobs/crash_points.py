@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from xmodal_index.pipeline import progress
 from xmodal_index.sinks import storage

@@ -11,9 +11,9 @@ import dataclasses
 import datetime
 import fnmatch
 import os
-from typing import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
-from xmodal_index.pipeline.listing import SourceConfig, plan_items
+from xmodal_index.pipeline.listing import SourceConfig, plan_items, refused_links
 from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError
@@ -62,6 +62,8 @@ class Listing:
     listed: frozenset[str]  # uris of every item under the prefix (whatever its time)
     scope: str  # uri prefix: ledger entries starting with it can be marked deleted
     skipped_by_range: int
+    # items (uri as in ``items``) that are listed but refused at stage list: uri -> (error type, reason)
+    refused: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def _source_root(source: str) -> str:
@@ -71,15 +73,18 @@ def _source_root(source: str) -> str:
     return os.path.abspath(path).rstrip(os.sep) or os.sep
 
 
-def list_selection(source: str, config: SourceConfig = SourceConfig(), selection: Selection = Selection()) -> Listing:
+def list_selection(source: str, config: SourceConfig | None = None, selection: Selection = Selection()) -> Listing:
     """List ``source`` (only under ``selection.prefix``), apply the include/exclude globs
     (relative to the source) and the time range, and plan the work items."""
+    config = SourceConfig() if config is None else config
     root = _source_root(source)
     prefix = selection.prefix
     folder = prefix[: prefix.rfind("/") + 1]
-    objects = storage.list_objects(storage.join(source, folder) if folder else source)
+    listed_root = storage.join(source, folder) if folder else source
+    objects = storage.list_objects(listed_root)
+    links = {link.info.uri: link for link in refused_links(listed_root)}  # symlinks the listing does not follow
     chosen = []
-    for obj in objects:
+    for obj in [*objects, *(link.info for link in links.values())]:
         rel = obj.uri[len(root) + 1:] if obj.uri.startswith(root + "/") else os.path.basename(obj.uri)
         if not rel.startswith(prefix):
             continue
@@ -91,10 +96,13 @@ def list_selection(source: str, config: SourceConfig = SourceConfig(), selection
     if prefix and not chosen:
         raise ObjectNotFoundError(f"nothing under {source!r} matches the prefix {prefix!r}")
     mtimes = {o.uri: o.mtime for o in chosen}
-    planned = plan_items(chosen)
+    # a refused link is an item of its own, never a sidecar of another
+    planned = sorted(plan_items([o for o in chosen if o.uri not in links])
+                     + plan_items([o for o in chosen if o.uri in links]), key=lambda i: i.uri)
     items = [i for i in planned if selection.in_range(max([i.mtime, *(mtimes.get(s, 0.0) for s in i.sidecars)]))]
+    refused = {_printable_uri(i.uri): (links[i.uri].error_type, links[i.uri].reason) for i in planned if i.uri in links}
     return Listing(items=items, listed=frozenset(i.uri for i in planned), scope=root + "/" + prefix,
-                   skipped_by_range=len(planned) - len(items))
+                   skipped_by_range=len(planned) - len(items), refused=refused)
 
 
 def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_id: str, full: bool,

@@ -25,7 +25,6 @@ from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA, embedding_schema
 from xmodal_index.sinks.workdir import Workdir
 
-
 # The layout is spelled in sinks/workdir.py; these name the folders the DAG writes.
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import io
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq

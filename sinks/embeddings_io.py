@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import posixpath
-from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq

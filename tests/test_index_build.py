@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.embeddings_io import (
     batch_reader,
     embedding_matrix,
@@ -20,6 +19,7 @@ from xmodal_index.sinks.embeddings_io import (
     rows_batch,
 )
 from xmodal_index.sinks.errors import IndexVersionError
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.build import (
     EmptyIndexError,
     IndexBuildConfig,

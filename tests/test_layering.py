@@ -92,7 +92,8 @@ def test_relative_imports_are_resolved_and_checked(tmp_path):
     (tmp_path / "sinks" / "__init__.py").write_text("from . import storage\n")
     (tmp_path / "sinks" / "index" / "__init__.py").write_text("")
     (tmp_path / "sinks" / "index" / "bad.py").write_text(
-        "from .. import errors\nfrom ...jobs import cli\n\ndef later():\n    from ...pipeline.dag import IndexArchive\n")
+        "from .. import errors\nfrom ...jobs import cli\n\n"
+        "def later():\n    from ...pipeline.dag import IndexArchive\n")
     assert imports_of(tmp_path / "sinks" / "index" / "bad.py", tmp_path) >= {
         "xmodal_index.sinks.errors", "xmodal_index.jobs", "xmodal_index.jobs.cli",
         "xmodal_index.pipeline.dag", "xmodal_index.pipeline.dag.IndexArchive"}

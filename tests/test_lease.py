@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from tests.run_helpers import invoke, run_args, summaries, write_config
-from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
+from tests.run_helpers import archive, config, invoke, run_args, summaries, write_config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
+from xmodal_index.sinks.index.manifest import list_versions, read_latest
 from xmodal_index.sinks.storage.lease import (
     Lease,
     LeaseConfig,
@@ -20,7 +20,6 @@ from xmodal_index.sinks.storage.lease import (
     lease_uri,
     read_lease,
 )
-from xmodal_index.sinks.index.manifest import list_versions, read_latest
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,11 +8,10 @@ import os
 import boto3
 import pytest
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.storage import s3
-from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
-
 from tests.s3_server import apply_s3_env, free_port, new_bucket_name, start_moto
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
+from xmodal_index.sinks.storage import s3
 
 MiB = 1024 * 1024
 

@@ -69,7 +69,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index.search import RERANK_PARAM, apply_search_params, tunable_param

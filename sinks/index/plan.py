@@ -4,7 +4,7 @@ shards that one build pass fills together."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

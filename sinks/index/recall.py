@@ -3,7 +3,8 @@ version metrics that summarise it (SPEC 4.4)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def wanted_count(exact_ids: np.ndarray | list[np.ndarray]) -> int:
     return int(sum(int((w >= 0).sum()) for w in exact_ids))
 
 
-def modality_exact(builders: list["ShardBuilder"]) -> np.ndarray:
+def modality_exact(builders: list[ShardBuilder]) -> np.ndarray:
     """Exact top-10 ids over all shards of one modality, merged from the shards' own."""
     dist = np.concatenate([b.exact_top()[0] for b in builders], axis=1)
     ids = np.concatenate([b.exact_top()[1] for b in builders], axis=1)

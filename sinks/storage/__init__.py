@@ -34,7 +34,8 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 from xmodal_index.sinks.storage import s3
@@ -44,8 +45,6 @@ from xmodal_index.sinks.storage.conditional import (
     read_versioned,
     replace_if_match,
 )
-from xmodal_index.sinks.storage.uri import filesystem_path as _local
-from xmodal_index.sinks.storage.uri import is_s3, join, normalize_uri
 from xmodal_index.sinks.storage.s3 import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -58,6 +57,8 @@ from xmodal_index.sinks.storage.s3 import (
     beam_s3_options,
     configure_s3,
 )
+from xmodal_index.sinks.storage.uri import filesystem_path as _local
+from xmodal_index.sinks.storage.uri import is_s3, join, normalize_uri
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 from xmodal_index.sinks.storage import s3

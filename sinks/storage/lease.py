@@ -33,7 +33,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, SinkError
@@ -51,7 +51,7 @@ class LeaseError(SinkError):
 class LeaseHeldError(LeaseError):
     """Another live run holds the lease (after waiting, when asked to wait)."""
 
-    def __init__(self, message: str, holder: "LeaseInfo") -> None:
+    def __init__(self, message: str, holder: LeaseInfo) -> None:
         super().__init__(message)
         self.holder = holder
 
@@ -114,7 +114,7 @@ class LeaseInfo:
         return (json.dumps(d, indent=2) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes, uri: str) -> "LeaseInfo":
+    def from_json(cls, data: bytes, uri: str) -> LeaseInfo:
         try:
             d = json.loads(data)
             return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)
@@ -320,7 +320,7 @@ class Lease:
             except SinkError as err:
                 logger.warning("could not release the lease %s (it expires by itself): %s", self.uri, err)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         self.acquire()
         return self
 

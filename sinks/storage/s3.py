@@ -11,12 +11,14 @@ first and write a manifest or marker object last (e.g. ``indexes/NAME/LATEST``).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
 import random
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import botocore.exceptions
 from boto3.s3.transfer import create_transfer_manager
@@ -24,11 +26,11 @@ from s3transfer.exceptions import RetriesExceededError
 
 from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
 from xmodal_index.sinks.storage.s3_config import (
-    MiB,
     AccessDeniedError,
     BucketNotFoundError,
     CredentialsError,
     EndpointUnreachableError,
+    MiB,
     ObjectChangedError,
     S3Config,
     S3ServiceError,
@@ -79,7 +81,7 @@ def list_keys(prefix_uri: str) -> Iterator[ObjectTuple]:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": config.list_page_size}
         if token:
             kwargs["ContinuationToken"] = token
-        page = _call(prefix_uri, "list", lambda: client.list_objects_v2(**kwargs))
+        page = _call(prefix_uri, "list", functools.partial(client.list_objects_v2, **kwargs))
         for obj in page.get("Contents", ()):
             seen_any = True
             if obj["Key"].endswith("/"):

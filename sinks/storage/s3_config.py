@@ -28,7 +28,8 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import botocore.config
 import botocore.exceptions
