@@ -430,7 +430,8 @@ def non_utf8_name(src: Path, outside: Path) -> list[Case]:
 
 
 def symbolic_links(src: Path, outside: Path) -> list[Case]:
-    """Links are followed inside the source only."""
+    """Links are followed inside the source only; links out of it, dangling links and loops
+    are dead letters at stage list (a linked directory is not entered)."""
     (src / "linked").mkdir(exist_ok=True)
     target = mf.make_png(src / "linked" / "target.png")
     inside = src / "link_inside.png"
@@ -448,10 +449,12 @@ def symbolic_links(src: Path, outside: Path) -> list[Case]:
     linked_dir.symlink_to(outside, target_is_directory=True)
     return [indexed("link target inside the source", target, {"image"}),
             indexed("link inside the source", inside, {"image"}),
-            not_listed("link to a file outside (absolute)", out_abs),
-            not_listed("link to a file outside (relative)", out_rel),
-            not_listed("dangling link", dangling),
-            not_listed("link to itself", loop),
+            dead("link to a file outside (absolute)", out_abs, "list", "SymlinkOutsideSourceError",
+                 "outside the source root"),
+            dead("link to a file outside (relative)", out_rel, "list", "SymlinkOutsideSourceError",
+                 "outside the source root"),
+            dead("dangling link", dangling, "list", "BrokenSymlinkError", "target does not exist"),
+            dead("link to itself", loop, "list", "BrokenSymlinkError", "loop of links"),
             not_listed("file under a linked directory", linked_dir / "secret.png")]
 
 
