@@ -19,6 +19,7 @@ from xmodal_index.jobs.progress_display import DEFAULT_EVERY_S, ProgressSettings
 from xmodal_index.jobs.progress_display import configure as configure_progress
 from xmodal_index.jobs.run_job import (
     EXIT_ERROR,
+    EXIT_GATE_REFUSED,
     EXIT_LEASE_HELD,
     RunRequest,
     RunSummary,
@@ -105,6 +106,8 @@ def print_summary(s: RunSummary) -> None:
     click.echo(f"  segments {s.segments:>7}  rows written {s.rows_written}")
     click.echo(f"  model    {s.model_id}")
     click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  version {s.index_version or '-'}: {s.index_note}")
+    if s.gate:
+        click.echo(f"  gate     {s.gate}")
     click.echo(f"  summary  {s.workdir.rstrip('/')}/runs/{s.run_id}/summary.json")
     if s.deadletters:
         click.echo(f"  dead letters: {s.deadletters}/  (xmodal-index deadletter --workdir {s.workdir})")
@@ -154,7 +157,9 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")
 @click.option("--force", is_flag=True,
-              help="Publish the new version even if the publish gate finds its recall or mAP regressed beyond [gate] tolerances.")
+              help="Publish the new version even if the publish gate refuses it: recall or mAP regressed beyond [gate] "
+                   "tolerances, or it drops more live items or vectors than [gate] max_deleted_fraction (0.2) / "
+                   "max_ntotal_drop_fraction (0.5) allow.")
 @click.option("--prefix", default="", show_default="whole source",
               help="Backfill only objects whose path relative to --source starts with this (e.g. videos/2024/). "
                    "Only objects under it can be marked deleted.")
@@ -193,13 +198,16 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     PipelineOptions untouched, e.g. `-- --direct_num_workers=4 --direct_running_mode=multi_processing`.
 
     Exit codes: 0 the run completed (bad inputs are dead-lettered, not fatal);
-    1 the run started but could not complete (unreachable storage, lost lease, ...);
+    1 the run started but could not complete (unreachable storage, lost lease,
+    LATEST moved by another writer meanwhile: nothing published, ...);
     2 bad command line, config file (unknown key, bad value, broken TOML) or Beam
     flag after `--`: one line names it, nothing was done;
     3 more than max_error_fraction of the inputs failed (no version published);
     4 another run holds the workdir lease (nothing done);
-    5 the publish gate refused the new version (its recall or mAP regressed; it
-    stays unpublished: `promote` or `run --force` publishes it).
+    5 the publish gate refused the new version (its recall or mAP regressed, or it
+    deletes more than [gate] max_deleted_fraction of the live items or loses more
+    than max_ntotal_drop_fraction of the vectors; it stays unpublished: `promote`
+    or `run --force` publishes it).
     """
     try:
         cfg = load_config(config_path)
@@ -239,4 +247,6 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
         click.echo(f"xmodal-index run: error: {one_line(err)} (-vv shows the traceback)", err=True)
         sys.exit(EXIT_ERROR)
     print_summary(summary)
+    if summary.exit_code == EXIT_GATE_REFUSED:
+        click.echo(f"xmodal-index run: {' '.join(summary.index_note.split())}", err=True)
     sys.exit(summary.exit_code)

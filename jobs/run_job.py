@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 
 from xmodal_index.encoders.loading import load_encoder
+from xmodal_index.jobs import run_publish
 from xmodal_index.jobs.config import RunConfig
 from xmodal_index.jobs.crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, upload_progress
 from xmodal_index.jobs.crash_points import crash_point as _crash_point
@@ -44,6 +45,7 @@ from xmodal_index.sinks import storage
 from xmodal_index.sinks.deadletters import read_deadletters, write_deadletters
 from xmodal_index.sinks.embeddings_io import live_batches
 from xmodal_index.sinks.errors import SinkError
+from xmodal_index.sinks.index import publish
 from xmodal_index.sinks.index.build import build_version
 from xmodal_index.sinks.index.publish_gate import GateConfig
 from xmodal_index.sinks.parts import count_parquet_rows, list_parts, read_lines
@@ -58,7 +60,6 @@ from xmodal_index.sinks.ledger import (
     snapshot_name,
     write_ledger,
 )
-from xmodal_index.sinks.index.publish_gate import GateDecision, publish_gated
 from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
@@ -274,37 +275,67 @@ def _reconcile_published(workdir: str, index_root: str) -> None:
         mark_published(workdir, current)
 
 
-def _uploaded_version(index_root: str, snapshot: str, model_id: str) -> mf.Manifest | None:
-    """A complete, unpublished version newer than LATEST built from ``snapshot`` (a
-    run that crashed before publishing it): publishing it finishes that run's work."""
-    latest = mf.read_latest(index_root)
-    floor = mf.version_number(latest) if latest else 0
-    for version in reversed(mf.list_versions(index_root)):
-        if mf.version_number(version) <= floor:
-            break
-        manifest = mf.read_manifest(index_root, version)
-        if _built_from(manifest) == snapshot and manifest.model_id == model_id:
-            return manifest
-    return None
+def _publish(workdir: str, index_root: str, version: str, snapshot_uri: str, lease: Lease,
+             expected: publish.LatestState, gate_config: GateConfig, force: bool,
+             deletion: run_publish.Deletion | None) -> publish.PublishResult:
+    """The run's call of THE PUBLISH STEP (sinks/index/publish.py), the only writer of LATEST.
 
-
-def _publish(workdir: str, index_root: str, manifest: mf.Manifest, snapshot_uri: str, lease: Lease,
-             gate_config: GateConfig, force: bool) -> GateDecision:
-    """THE PUBLISH STEP: the only place where a new version becomes visible.
-
-    The publish gate compares the version's recall (and cross-modal mAP when
-    present) with the current LATEST; LATEST is written (after the lease is
-    confirmed) only when it does not regress beyond the tolerance, or with
-    ``force``; then ledger/PUBLISHED. A refused version stays on storage,
+    The publish gate compares the version with the one LATEST named when the run
+    read it (``expected``): recall, cross-modal mAP, the share of live items
+    deleted and the drop of ntotal. LATEST is swapped only when the gate passes (or
+    with ``force``), the lease is still held right before the swap and LATEST still
+    holds ``expected``; then ledger/PUBLISHED. A refused version stays on storage,
     unpublished: `xmodal-index promote` or `run --force` can publish it later.
     """
     _crash_point("before_publish")
-    lease.confirm()
-    decision = publish_gated(index_root, manifest.version, gate_config, force=force)
+    result = publish.publish(index_root, version, expected=expected, lease=lease, gate_config=gate_config,
+                             force=force, deletion=deletion)
     _crash_point("after_publish")
-    if decision.published:
+    if result.published:
         mark_published(workdir, snapshot_uri)
-    return decision
+    return result
+
+
+def _build_and_publish(req: RunRequest, summary: RunSummary, lease: Lease, encoder, index_root: str, snapshot: str,
+                       before: dict[str, LedgerEntry], entries: dict[str, LedgerEntry],
+                       echo: Callable[[str], None]) -> None:
+    """Publish a version holding the live rows of ``entries``: none when LATEST's
+    already does, the one an earlier run uploaded and never published, or a new one."""
+    cfg = req.config
+    expected = publish.read_state(index_root)  # LATEST before building: what the publish swaps against
+    current = run_publish.latest_manifest(index_root, expected)
+    content = run_publish.Content.of(entries.values(), encoder.model_id, dataclasses.asdict(cfg.index))
+    if current is not None and content.matches(current):
+        mark_published(req.workdir, snapshot)
+        summary.index_note = f"nothing changed: LATEST {current.version} already holds these rows"
+        return
+    deletion = run_publish.deletion(req.workdir, current, before, entries)
+    version = run_publish.uploaded_version(index_root, expected, content)
+    if version is not None:
+        echo(f"publishing {version}, uploaded by an earlier run that stopped before publishing it")
+    else:
+        echo("building index version ...")
+        version = publish.reserve_version(index_root)
+        with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
+            build_version(
+                live_batches(req.workdir, entries, encoder.model_id), index_root, model_id=encoder.model_id,
+                dim=encoder.dim, bits=encoder.bits, config=cfg.index, extra_files=_encoder_files(encoder, cfg, tmp),
+                metrics_extra={"run_id": summary.run_id, run_publish.SNAPSHOT_KEY: snapshot_name(snapshot),
+                               run_publish.FINGERPRINT_KEY: content.fingerprint,
+                               run_publish.FENCING_KEY: lease.generation},
+                version=version, publish=False, progress=upload_progress,
+            )
+    result = _publish(req.workdir, index_root, version, snapshot, lease, expected, cfg.gate, req.force, deletion)
+    summary.gate = result.reason
+    if result.published:
+        ntotal = mf.read_manifest(index_root, version).ntotal
+        summary.index_version = version
+        summary.index_published = True
+        summary.index_note = f"published {version} ({ntotal} vectors){' (forced)' if result.forced else ''}"
+    else:
+        summary.exit_code = EXIT_GATE_REFUSED
+        summary.index_note = (f"not published: {result.reason}; it stays on storage "
+                              f"(`run --force` or `promote {version}` publishes it)")
 
 
 # ---------------------------------------------------------------- the job
@@ -458,29 +489,8 @@ def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callab
         summary.index_note = (f"not published: {other_model} indexed inputs were embedded with another model than "
                               f"{encoder.model_id}; a run over them (without --prefix/--since/--until) re-embeds them")
     else:
-        manifest = _uploaded_version(index_root, snapshot_name(snapshot), encoder.model_id)
-        if manifest is None:
-            echo("building index version ...")
-            with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
-                manifest = build_version(
-                    live_batches(req.workdir, new_entries, encoder.model_id), index_root, model_id=encoder.model_id,
-                    dim=encoder.dim, bits=encoder.bits, config=cfg.index,
-                    extra_files=_encoder_files(encoder, cfg, tmp),
-                    metrics_extra={"run_id": run_id, "ledger_snapshot": snapshot_name(snapshot)},
-                    publish=False, progress=upload_progress,
-                )
-        else:
-            echo(f"publishing {manifest.version}, uploaded by an earlier run that stopped before publishing it")
-        decision = _publish(req.workdir, index_root, manifest, snapshot, lease, cfg.gate, req.force)
-        summary.gate = decision.reason
         summary.completes_run = pending_run
-        if decision.published:
-            summary.index_version = manifest.version
-            summary.index_published = True
-            summary.index_note = f"published {manifest.version} ({manifest.ntotal} vectors){' (forced)' if decision.forced else ''}"
-        else:
-            summary.exit_code = EXIT_GATE_REFUSED
-            summary.index_note = f"not published: {manifest.version} regresses against {decision.current_version}: {decision.reason}"
+        _build_and_publish(req, summary, lease, encoder, index_root, snapshot, ledger, new_entries, echo)
 
 
 def _record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,

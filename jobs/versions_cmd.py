@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.index import publish
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks import workdir as workdir_layout
 from xmodal_index.sinks.storage.lease import Lease
@@ -122,24 +123,21 @@ def versions(index_uri: str, index_name: str, as_json: bool) -> None:
 def promote(version: str, index_uri: str, index_name: str) -> None:
     """Point LATEST at VERSION (e.g. v000003), newer or older (a rollback).
 
-    No publish gate applies: this is the operator's decision. The version must
-    have a manifest and every file it lists, at the listed size; query nodes still
-    verify each sha256 when they load it.
+    No publish gate applies: this is the operator's decision. Under the workdir
+    lease, the version's manifest must match its SEAL and every file it lists must
+    be present with the listed size and sha256 (read back in full); LATEST then
+    records the manifest's sha256 (and its HMAC with XMODAL_INDEX_SIGNING_KEY set),
+    written only if nobody moved LATEST meanwhile.
     """
     try:
         root = resolve_index_root(index_uri, index_name)
-        manifest = mf.read_manifest(root, version)
-        problems = mf.missing_files(root, manifest)
-        if problems:
-            raise SinkError(f"refusing to promote {version}: " + "; ".join(problems[:3])
-                            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
-        with _workdir_lease(root, "promote"):
-            before = mf.read_latest(root)
-            mf.write_latest(root, version)
+        with _workdir_lease(root, "promote") as lease:
+            state = publish.read_state(root)  # read under the lease: what the swap expects
+            result = publish.publish(root, version, expected=state, lease=lease, verify_sha256=True)
     except SinkError as err:
         _fail("promote", err)
         return
-    click.echo(f"LATEST of {root}: {before or 'none'} -> {version}")
+    click.echo(f"LATEST of {root}: {result.previous or 'none'} -> {version} (manifest sha256:{result.digest})")
 
 
 def plan_gc(index_root: str, keep: int) -> tuple[list[str], list[str]]:
@@ -174,7 +172,9 @@ def gc(index_uri: str, index_name: str, keep: int, dry_run: bool) -> None:
     Interrupted builds (version directories without a manifest) older than the
     newest complete version are deleted too; a newer one may be a build in progress
     and is left alone. Each version loses its manifest first, so it stops being
-    listed before its shards go.
+    listed before its shards go. The plan is made under the workdir lease, which is
+    checked again before each version is deleted. Version numbers are never
+    reused after a gc (indexes/NAME/HIGHWATER keeps the highest one).
     """
     try:
         root = resolve_index_root(index_uri, index_name)
@@ -183,9 +183,10 @@ def gc(index_uri: str, index_name: str, keep: int, dry_run: bool) -> None:
             for version in delete:
                 click.echo(f"would delete {version}")
         else:
-            with _workdir_lease(root, "gc"):
-                delete, kept = plan_gc(root, keep)
+            with _workdir_lease(root, "gc") as lease:
+                delete, kept = plan_gc(root, keep)  # planned under the lease, never before
                 for version in delete:
+                    lease.check()  # a gc that lost its lease (paused, expired) deletes nothing more
                     count = mf.delete_version(root, version)
                     click.echo(f"deleted {version} ({count} objects)")
     except SinkError as err:

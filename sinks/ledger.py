@@ -92,12 +92,19 @@ def read_ledger(workdir: str) -> dict[str, LedgerEntry]:
     name = ledger_snapshot_name(workdir)
     if name is None:
         return {}
+    return read_snapshot(workdir, name)
+
+
+def read_snapshot(workdir: str, name: str) -> dict[str, LedgerEntry]:
+    """One ledger snapshot (``ledger-RUN.parquet``, e.g. the one an index version was built from), by uri."""
+    if "/" in name or not (name.startswith("ledger-") and name.endswith(".parquet")):
+        raise LedgerError(f"{name!r} is not a ledger snapshot name (ledger-RUN_ID.parquet)")
     uri = storage.join(_root(workdir), name)
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
         return {row["uri"]: LedgerEntry(**row) for row in table.to_pylist()}
     except ObjectNotFoundError as err:
-        raise LedgerError(f"ledger/CURRENT names {uri!r}, which does not exist") from err
+        raise LedgerError(f"the ledger snapshot {uri!r} does not exist") from err
     except (pa.ArrowException, TypeError) as err:
         raise LedgerError(f"cannot read the ledger snapshot {uri!r}: {err}") from err
 

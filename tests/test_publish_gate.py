@@ -5,20 +5,35 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from xmodal_index.sinks.errors import IndexVersionError
+from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.index.build import IndexBuildConfig
+from xmodal_index.sinks.index.publish import publish, read_state
+from xmodal_index.sinks.index.publish_gate import (
+    Deletion,
+    GateConfig,
+    gate,
+    map_figures,
+)
 
 from tests.test_loader import Archive
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.errors import IndexVersionError
-from xmodal_index.sinks.index.build import IndexBuildConfig
-from xmodal_index.sinks.index.publish_gate import GateConfig, gate, map_figures, publish_gated
 
 
-def _manifest(version: str, recall: float | None = 0.95, binary: float | None = 0.97, **extra) -> mf.Manifest:
+def _manifest(version: str, recall: float | None = 0.95, binary: float | None = 0.97, ntotal: int = 150,
+              **extra) -> mf.Manifest:
     return mf.Manifest(
         version=version, created_at="2026-01-01T00:00:00Z", parent_version=None, model_id="m@1", dim=8, bits=16,
-        metric="ip", index_factory={"float": "Flat", "binary": "BFlat"}, shards=(), id_maps=(), files=(), ntotal=0,
-        metrics={"recall_at_10": {"float": recall, "binary": binary}, **extra}, search_params={},
+        metric="ip", index_factory={"float": "Flat", "binary": "BFlat"}, shards=(), id_maps=(), files=(),
+        ntotal=ntotal, metrics={"recall_at_10": {"float": recall, "binary": binary}, **extra}, search_params={},
     )
+
+
+def publish_gated(root, version, config=None, force=False, deletion=None):
+    """The publish step with the gate; returns the gate's decision (published or not)."""
+    result = publish(root, version, expected=read_state(root), gate_config=config or GateConfig(), force=force,
+                     deletion=deletion)
+    assert result.published == result.decision.published
+    return result.decision
 
 
 
@@ -76,10 +91,48 @@ def test_a_candidate_lacking_recall_the_current_version_has_fails():
     assert "recall_at_10/float missing" in decision.reason
 
 
-@pytest.mark.parametrize("field", ["tolerance_recall", "tolerance_map"])
-def test_gate_config_rejects_tolerances_outside_0_1(field):
+@pytest.mark.parametrize("field", ["tolerance_recall", "tolerance_map", "max_deleted_fraction",
+                                   "max_ntotal_drop_fraction"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_gate_config_rejects_fractions_outside_0_1(field, value):
     with pytest.raises(ValueError, match=field):
-        GateConfig(**{field: -0.1})
+        GateConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- mass deletion
+
+
+def test_deleting_more_than_a_fifth_of_the_live_items_is_refused_by_default():
+    decision = gate(_manifest("v000002", ntotal=140), _manifest("v000001"), deletion=Deletion(31, 150))
+    assert not decision.ok
+    assert "deleted 31 of 150 live items (20.7%), over max_deleted_fraction 0.2" in decision.reason
+
+
+def test_deleting_up_to_the_limit_passes_and_is_named_in_the_reason():
+    decision = gate(_manifest("v000002", ntotal=140), _manifest("v000001"), deletion=Deletion(30, 150))
+    assert decision.ok
+    assert "deleted 30 of 150 live items (20.0%), within max_deleted_fraction 0.2" in decision.reason
+    assert "ntotal 140 vs 150" in decision.reason
+
+
+def test_an_index_shrinking_from_150_to_14_vectors_is_refused_even_without_deletion_counts():
+    decision = gate(_manifest("v000002", ntotal=14), _manifest("v000001", ntotal=150))
+    assert not decision.ok
+    assert "ntotal 14 vs 150 (90.7% fewer vectors), over max_ntotal_drop_fraction 0.5" in decision.reason
+
+
+def test_the_deletion_limits_are_configurable():
+    config = GateConfig(max_deleted_fraction=0.95, max_ntotal_drop_fraction=0.95)
+    assert gate(_manifest("v000002", ntotal=14), _manifest("v000001"), config, Deletion(136, 150)).ok
+
+
+def test_growth_is_never_a_drop():
+    assert gate(_manifest("v000002", ntotal=1000), _manifest("v000001", ntotal=150), deletion=Deletion(0, 150)).ok
+
+
+def test_a_deletion_count_above_the_live_items_is_rejected():
+    with pytest.raises(ValueError, match="deleted"):
+        Deletion(5, 4)
 
 
 # ---------------------------------------------------------------- publishing built versions
@@ -142,6 +195,18 @@ def test_an_unreadable_current_version_does_not_block_publishing(tmp_path):
     assert decision.published and "unreadable" in decision.reason
 
 
+def test_a_shrunken_version_is_refused_until_forced(tmp_path):
+    root = str(tmp_path / "idx")
+    _good(root)
+    small = Archive({"video": 300}, seed=11).build(root, IndexBuildConfig(float_factory="Flat", recall_sample=100),
+                                                   publish=False)
+    refused = publish_gated(root, small.version, deletion=Deletion(2700, 3000))
+    assert not refused.published and mf.read_latest(root) == "v000001"
+    assert "max_deleted_fraction" in refused.reason and "max_ntotal_drop_fraction" in refused.reason
+    forced = publish_gated(root, small.version, deletion=Deletion(2700, 3000), force=True)
+    assert forced.published and forced.forced and mf.read_latest(root) == small.version
+
+
 def test_publishing_a_version_without_manifest_is_an_error(tmp_path):
     with pytest.raises(IndexVersionError, match="v000004"):
         publish_gated(str(tmp_path / "idx"), "v000004")
@@ -150,5 +215,6 @@ def test_publishing_a_version_without_manifest_is_an_error(tmp_path):
 def test_the_decision_serialises_for_the_run_summary():
     decision = gate(_manifest("v000002", recall=0.5), _manifest("v000001"))
     data = decision.to_dict()
-    assert data["ok"] is False and data["checks"][0]["metric"] == "recall_at_10/float"
+    assert data["ok"] is False
+    assert [c["metric"] for c in data["checks"] if not c["ok"]] == ["recall_at_10/float"]
     assert dataclasses.asdict(decision) == data

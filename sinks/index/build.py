@@ -55,6 +55,7 @@ from xmodal_index.sinks.index.choice import choose_factories
 from xmodal_index.sinks.index.config import EmptyIndexError, IndexBuildConfig, IndexBuildError
 from xmodal_index.sinks.index.plan import ShardPlan, group_shards, plan_shards
 from xmodal_index.sinks.index.progress import Progress, ProgressFn
+from xmodal_index.sinks.index.publish import publish_unfenced, reserve_version
 from xmodal_index.sinks.index.recall import modality_exact, shares, version_metrics
 from xmodal_index.sinks.index.scan import Scan, release_arrow_memory, scan_rows
 from xmodal_index.sinks.index.shard import ShardBuilder, ShardResult, id_map_table
@@ -216,8 +217,9 @@ def build_version(
     (sinks.schema.embedding_schema). index_root: e.g. WORKDIR/indexes/NAME, any
     storage URI. extra_files: name in the version -> local path (e.g. the encoder
     checkpoint). progress(stage, done, total): stages scan, train, add, write, upload.
-    publish=False uploads the version without moving LATEST (then see
-    publish_gate.publish_gated or publish_version).
+    version: the name to upload under (reserved with publish.reserve_version);
+    by default the next number is reserved here. publish=False uploads the version
+    without moving LATEST (then see sinks/index/publish.py, the one writer of LATEST).
     Raises EmptyIndexError on zero rows, IndexBuildError on inconsistent rows,
     IndexChoiceError when no index fits memory_budget_bytes; on any failure LATEST
     keeps naming the previous version.
@@ -284,7 +286,7 @@ def build_version(
             for name, value in shard.search_params.items():
                 search_params[name] = max(search_params.get(name, 0), int(value))
         parent = mf.read_latest(index_root)
-        version = version or mf.next_version(index_root)
+        version = version or reserve_version(index_root)
         index_bytes = sum(s.bytes for s in shards)
         manifest = mf.Manifest(
             version=version,
@@ -323,7 +325,7 @@ def build_version(
                                                               "wall_s": round(time.monotonic() - started, 3)})
         mf.write_manifest(index_root, manifest)
     if publish:
-        mf.write_latest(index_root, version)
+        publish_unfenced(index_root, version)
     logger.info("index version %s of %s: %d vectors in %d shards, %.1f s%s", version, index_root,
                 manifest.ntotal, len(shards), time.monotonic() - started, "" if publish else " (not published)")
     return manifest
@@ -331,9 +333,8 @@ def build_version(
 
 def publish_version(index_root: str, version: str) -> mf.Manifest:
     """Point LATEST at an uploaded version (one built with publish=False), without a gate."""
-    manifest = mf.read_manifest(index_root, version)
-    mf.write_latest(index_root, version)
-    return manifest
+    publish_unfenced(index_root, version)
+    return mf.read_manifest(index_root, version)
 
 
 __all__ = [

@@ -13,8 +13,15 @@ names), metric by metric:
   it fails below the current value minus ``tolerance_map``. A candidate built
   without labels has no mAP: those figures are listed as not compared.
 
-The first version (no LATEST) always passes. ``publish_gated`` applies the decision:
-LATEST moves only when the gate passes, or when forced (the reason says so).
+- mass deletion: the share of the current version's live items that the candidate
+  no longer holds (``deletion``, counted by the caller from the ledgers) fails
+  above ``max_deleted_fraction``; the candidate's ``ntotal`` fails when it is more
+  than ``max_ntotal_drop_fraction`` below the current one. An emptied or
+  half-missing source never replaces a full index silently.
+
+The first version (no LATEST) always passes. The decision is applied by the one
+publish step (``sinks/index/publish.py``): LATEST moves only when the gate passes,
+or when forced (the reason says so).
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.errors import IndexVersionError
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +46,39 @@ class GateConfig:
 
     tolerance_recall: allowed drop of recall@10 (absolute, 0..1).
     tolerance_map: allowed drop of each cross-modal mAP figure (absolute, 0..1).
+    max_deleted_fraction: largest share of the current version's live items one
+      new version may drop (0..1; 1 turns the check off).
+    max_ntotal_drop_fraction: largest relative drop of ``ntotal`` (vectors) against
+      the current version (0..1; 1 turns the check off).
     """
 
     tolerance_recall: float = 0.02
     tolerance_map: float = 0.02
+    max_deleted_fraction: float = 0.2
+    max_ntotal_drop_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tolerance_recall <= 1.0:
-            raise ValueError(f"{self.tolerance_recall = } must be within [0, 1]")
-        if not 0.0 <= self.tolerance_map <= 1.0:
-            raise ValueError(f"{self.tolerance_map = } must be within [0, 1]")
+        for name in ("tolerance_recall", "tolerance_map", "max_deleted_fraction", "max_ntotal_drop_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} = {value!r} must be within [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Deletion:
+    """Live items of the current version (``live_before``) and how many of them the
+    candidate no longer holds (``deleted``: gone from the source, or now failing)."""
+
+    deleted: int
+    live_before: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.deleted <= max(self.live_before, 0):
+            raise ValueError(f"{self.deleted = } must be within [0, live_before = {self.live_before}]")
+
+    @property
+    def fraction(self) -> float:
+        return self.deleted / self.live_before if self.live_before else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +90,11 @@ class GateCheck:
     current: float | None
     tolerance: float
     ok: bool
+    detail: str = ""  # the comparison in words, where the figures alone do not say it
 
     def describe(self) -> str:
+        if self.detail:
+            return self.detail
         if self.candidate is None:
             return f"{self.metric} missing (current {self.current:.4f})"
         return f"{self.metric} {self.candidate:.4f} vs {self.current:.4f} (tolerance {self.tolerance:g})"
@@ -116,14 +149,39 @@ def recall_figures(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     return {f"{RECALL_KEY}/{kind}": _number(recall.get(kind)) for kind in RECALL_KINDS}
 
 
-def gate(candidate: mf.Manifest, current: mf.Manifest | None, config: GateConfig = GateConfig()) -> GateDecision:
-    """Whether ``candidate`` may replace ``current`` (None: nothing published yet)."""
+def _deletion_check(deletion: Deletion, config: GateConfig) -> GateCheck:
+    limit = config.max_deleted_fraction
+    ok = deletion.fraction <= limit + 1e-12
+    detail = (f"deleted {deletion.deleted} of {deletion.live_before} live items ({deletion.fraction:.1%}), "
+              f"{'within' if ok else 'over'} max_deleted_fraction {limit:g}")
+    return GateCheck("deleted_fraction", deletion.fraction, 0.0, limit, ok, detail)
+
+
+def _ntotal_check(candidate: mf.Manifest, current: mf.Manifest, config: GateConfig) -> GateCheck:
+    limit = config.max_ntotal_drop_fraction
+    drop = max(0.0, 1.0 - candidate.ntotal / current.ntotal) if current.ntotal > 0 else 0.0
+    ok = drop <= limit + 1e-12
+    detail = (f"ntotal {candidate.ntotal} vs {current.ntotal} ({drop:.1%} fewer vectors), "
+              f"{'within' if ok else 'over'} max_ntotal_drop_fraction {limit:g}")
+    return GateCheck("ntotal_drop_fraction", float(candidate.ntotal), float(current.ntotal), limit, ok, detail)
+
+
+def gate(candidate: mf.Manifest, current: mf.Manifest | None, config: GateConfig = GateConfig(),
+         deletion: Deletion | None = None) -> GateDecision:
+    """Whether ``candidate`` may replace ``current`` (None: nothing published yet).
+
+    ``deletion``: how many of the current version's live items the candidate drops
+    (the caller counts them; None when not known, e.g. a version built outside `run`).
+    """
     if current is None:
         return GateDecision(True, f"{candidate.version} is the first version", candidate_version=candidate.version)
     if current.version == candidate.version:
         return GateDecision(True, f"{candidate.version} is already the current version",
                             candidate_version=candidate.version, current_version=current.version)
     checks: list[GateCheck] = []
+    if deletion is not None:
+        checks.append(_deletion_check(deletion, config))
+    checks.append(_ntotal_check(candidate, current, config))
     new_recall, old_recall = recall_figures(candidate.metrics), recall_figures(current.metrics)
     for name, old in old_recall.items():
         if old is None:
@@ -137,45 +195,16 @@ def gate(candidate: mf.Manifest, current: mf.Manifest | None, config: GateConfig
         checks.append(GateCheck(name, new_map[name], old_map[name], config.tolerance_map, ok))
     not_compared = sorted(set(old_map) - set(new_map))
     failed = [c for c in checks if not c.ok]
+    guards = [c for c in checks if c.detail and c.ok]  # the mass-deletion guards are always named
     head = f"{candidate.version} vs {current.version}"
     if failed:
         reason = f"{head}: regressed: " + "; ".join(c.describe() for c in failed)
     else:
-        reason = f"{head}: no regression in {len(checks)} metrics"
-        if not checks:
-            reason = f"{head}: no metrics in common to compare"
+        compared = len(checks) - len(guards)
+        reason = f"{head}: no regression in {compared} metrics" if compared else f"{head}: no metrics in common to compare"
+    if guards:
+        reason += "; " + "; ".join(c.describe() for c in guards)
     if not_compared:
         reason += f" ({len(not_compared)} mAP figures of {current.version} not measured in {candidate.version})"
     return GateDecision(not failed, reason, candidate_version=candidate.version, current_version=current.version,
                         checks=tuple(checks))
-
-
-def publish_gated(index_root: str, version: str, config: GateConfig = GateConfig(),
-                  force: bool = False) -> GateDecision:
-    """Point LATEST at ``version`` if it passes the gate against the current LATEST, or
-    when ``force``; otherwise leave LATEST as it is. The decision says which and why.
-
-    Raises IndexVersionError when ``version`` has no readable manifest.
-    """
-    candidate = mf.read_manifest(index_root, version)
-    latest = mf.read_latest(index_root)
-    current = None
-    unreadable = ""
-    if latest is not None and latest != version:
-        try:
-            current = mf.read_manifest(index_root, latest)
-        except IndexVersionError as err:
-            unreadable = f" (LATEST {latest} is unreadable, not compared: {err})"
-            logger.warning("publish gate: %s", unreadable.strip(" ()"))
-    decision = gate(candidate, current, config)
-    if unreadable:
-        decision = dataclasses.replace(decision, reason=decision.reason + unreadable, current_version=latest)
-    if decision.ok or force:
-        if latest != version:
-            mf.write_latest(index_root, version)
-        reason = decision.reason if decision.ok else f"forced: {decision.reason}"
-        decision = dataclasses.replace(decision, published=True, forced=not decision.ok, reason=reason)
-        logger.info("published %s of %s: %s", version, index_root, decision.reason)
-    else:
-        logger.warning("not published: %s of %s: %s", version, index_root, decision.reason)
-    return decision
