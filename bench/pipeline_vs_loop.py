@@ -112,9 +112,14 @@ def main() -> None:
         t = time.perf_counter()
         rows = plain_loop(items, cfg, encoder, os.path.join(tmp, "loop.parquet"))
         results["plain loop (in-process decode, 1 thread of Python)"] = (time.perf_counter() - t, rows)
+        from xmodal_index.jobs import loopback
+
+        loopback.install()  # as `xmodal-index run` does: the runner's gRPC servers on loopback only
         variants = [
             ("beam DirectRunner, isolated decode workers x2 (product default)", True,
              ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]),
+            ("beam DirectRunner in_memory (no gRPC servers), isolated decode", True,
+             ["--direct_num_workers=1", "--direct_running_mode=in_memory"]),
             ("beam DirectRunner, in-process decode x2", False,
              ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]),
             ("beam DirectRunner, isolated decode, 1 worker", True, ["--direct_num_workers=1"]),
