@@ -93,7 +93,7 @@ def test_embedding_rows_follow_the_contract(first_run):
 def test_manifest_and_latest_describe_the_published_version(first_run):
     work, s = first_run
     root = work / "indexes" / "main"
-    assert (root / "LATEST").read_text().strip() == "v000001"
+    assert (root / "LATEST").read_text().split()[0] == "v000001"
     manifest = json.loads((root / "v000001" / "manifest.json").read_text())
     for key in ("version", "created_at", "parent_version", "model_id", "dim", "bits", "metric", "index_factory",
                 "shards", "ntotal", "metrics"):
@@ -161,7 +161,7 @@ def test_rerun_is_incremental_and_deletions_leave_the_index(archive, config, fir
     assert third.exit_code == 0
     last = json.loads(sorted(inc.glob("runs/*/summary.json"))[-1].read_text())
     assert last["deleted"] == 1
-    version = (inc / "indexes" / "main" / "LATEST").read_text().strip()
+    version = (inc / "indexes" / "main" / "LATEST").read_text().split()[0]
     uris = pa.concat_tables([pq.read_table(p) for p in (inc / "indexes" / "main" / version).glob("*.ids.parquet")])
     assert str(gone) not in set(uris.column("uri").to_pylist())
 
