@@ -1,10 +1,15 @@
 """Query-node loader: open a published index version and search it.
 
 Needs only faiss, numpy, pyarrow (and boto3 through storage for s3://): no Beam, no
-torch. ``IndexVersion.open`` fetches every file the manifest lists into a local
-cache (local index roots are read in place unless a cache_dir is given), verifies
-each sha256 before serving, memory-maps the index files, and searches the shards
-of the selected modalities in parallel threads (faiss releases the GIL).
+torch. ``IndexVersion.open`` trusts nothing in the index store: it checks the
+manifest's sha256 against LATEST (or the version's SEAL), its HMAC when
+``XMODAL_INDEX_SIGNING_KEY`` is set, and its strict schema (plain file names among
+others) before fetching anything (:func:`sealed_manifest`); then it fetches every
+listed file into a local cache, verified before it gets its name, and prunes the
+cache (sinks.serving.cache; local index roots are read in place unless a cache_dir
+is given); then it memory-maps the index files, checks them against the manifest,
+and searches the shards of the selected modalities in parallel threads (faiss
+releases the GIL). docs/SECURITY.md has the threat model.
 
 Search modes:
 
