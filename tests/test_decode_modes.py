@@ -176,3 +176,12 @@ def test_cuda_decode_falls_back_to_the_cpu_with_one_warning(gop_video, caplog, m
     assert len(warnings) == 1 and "decode device 'cuda' unavailable" in warnings[0] and "on the CPU" in warnings[0]
     expected = video_rows(gop_video)
     assert [index_of(r.payload[0]) for r in first] == pytest.approx([index_of(r.payload[0]) for r in expected], abs=1)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_shows_the_frames_the_cpu_decode_shows(gop_video, caplog):
+    with caplog.at_level(logging.WARNING, logger="xmodal_index.pipeline.decode_video"):
+        gpu = video_rows(gop_video, device="cuda")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # NVDEC used, no fallback
+    cpu = video_rows(gop_video)
+    assert [index_of(r.payload[0]) for r in gpu] == pytest.approx([index_of(r.payload[0]) for r in cpu], abs=1)
