@@ -44,9 +44,9 @@ def serving_encoder_config(version: IndexVersion) -> Any:
         if checkpoint == VERSION_CHECKPOINT:
             identity["checkpoint"] = version.file_path(VERSION_CHECKPOINT)
         elif checkpoint not in (BUNDLED_CHECKPOINT, ""):
-            raise IndexVersionError(f"version {version.version}: encoder.json names checkpoint {str(checkpoint)[:200]!r}; "
-                                    f"a query node loads built-in weights only from the version's "
-                                    f"{VERSION_CHECKPOINT}, the bundled model or an untrained seed")
+            raise IndexVersionError(f"version {version.version}: encoder.json names checkpoint "
+                                    f"{str(checkpoint)[:200]!r}; a query node loads built-in weights only from "
+                                    f"the version's {VERSION_CHECKPOINT}, the bundled model or an untrained seed")
     try:
         return EncoderConfig(**identity)
     except (TypeError, ValueError) as err:

@@ -145,7 +145,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         config = self.server.app.config
-        self.timeout = config.request_timeout_s  # writes; reads go through _DeadlineReader
         self.deadline = time.monotonic() + config.header_timeout_s
         self._started = time.monotonic()
         self._linger = False

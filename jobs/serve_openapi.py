@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from xmodal_index.jobs.serve_request import MAX_EMBEDDING_VALUES
+from xmodal_index.query.fusion import DEFAULT_FUSION, FUSIONS
 from xmodal_index.sinks.schema import MODALITIES
 
 OPENAPI_VERSION = "3.0.3"
@@ -42,17 +43,23 @@ def openapi_document(config: Any) -> dict[str, Any]:
                                               "description": "Comma-separated streams, e.g. audio,text"}]}
     k = {"type": "integer", "minimum": 1, "maximum": config.max_k, "default": config.default_k,
          "description": "Hits to return."}
+    grouping = {
+        "k_per_modality": {"type": "integer", "minimum": 1, "maximum": config.max_k,
+                           "description": "Return instead the best k_per_modality hits of each stream, grouped."},
+        "fusion": {"type": "string", "enum": list(FUSIONS), "default": DEFAULT_FUSION,
+                   "description": "How the rankings of several streams are merged."},
+    }
     text_query = {"type": "object", "additionalProperties": False, "required": ["text"],
                   "properties": {"text": {"type": "string", "minLength": 1, "pattern": r"\S",
                                           "description": "Text to embed with the served version's encoder."},
-                                 "k": k, "modality": modality_any}}
+                                 "k": k, "modality": modality_any, **grouping}}
     embedding_query = {"type": "object", "additionalProperties": False, "required": ["embedding"],
                        "properties": {"embedding": {"type": "array", "items": {"type": "number"}, "minItems": 1,
                                                     "maxItems": MAX_EMBEDDING_VALUES,
                                                     "description": "A vector of the index's space: as many "
                                                                    "finite numbers as the version's dim "
                                                                    "(normalised before the search)."},
-                                      "k": k, "modality": modality_any}}
+                                      "k": k, "modality": modality_any, **grouping}}
     upload = {"type": "string", "format": "binary"}
     form = {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 3,
             "description": "Exactly one of text, audio, image, video, plus optional k and modality.",
@@ -79,7 +86,8 @@ def openapi_document(config: Any) -> dict[str, Any]:
                     "multipart/form-data": {"schema": form}}},
                 "responses": {"200": _json({"type": "object", "required": ["version", "hits"],
                                             "properties": {"version": {"type": "string"},
-                                                           "hits": {"type": "array", "items": hit}}}, "Hits, best first"),
+                                                           "hits": {"type": "array", "items": hit}}},
+                                           "Hits, best first"),
                               **_errors(400, 408, 411, 413, 415, 422, 503, 504)}}},
             "/versions": {"get": {"operationId": "versions", "summary": "Versions of the served index",
                                   "responses": {"200": _json({"$ref": "#/components/schemas/Versions"},

@@ -2,10 +2,11 @@
 
 JSON bodies are checked for nesting depth before they are parsed (a deeply nested
 body is a 400, never a RecursionError), then take exactly one of ``text`` or
-``embedding`` plus optional ``k`` and ``modality``. A raw embedding is a list of
-finite numbers; its length is checked against the served version's ``dim`` when
-the query runs (:func:`embedding_vector`). Multipart uploads are parsed by
-``query_support``.
+``embedding`` plus optional ``k``, ``modality``, ``k_per_modality`` (grouped results)
+and ``fusion``. A raw embedding is a list of finite numbers, each named when it is
+not; its length and direction are checked by the query core against the served
+version when the query runs. Text follows the core's one rule. Multipart uploads
+are parsed by ``query_support``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.jobs.query_support import (QUERY_KEYS, QueryRequest, RequestError, _parse_k, _parse_modalities,
-                                             parse_multipart_request)
+from xmodal_index.jobs.query_support import (
+    QUERY_KEYS,
+    QueryRequest,
+    RequestError,
+    _parse_k,
+    _parse_modalities,
+    parse_multipart_request,
+)
+from xmodal_index.query.errors import BadQueryError
+from xmodal_index.query.fusion import DEFAULT_FUSION, FUSIONS
+from xmodal_index.query.request import check_text
 
-JSON_KEYS = ("text", "embedding", "k", "modality")
+JSON_KEYS = ("text", "embedding", "k", "modality", "k_per_modality", "fusion")
 MAX_EMBEDDING_VALUES = 1 << 16
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN = np.frombuffer(b"[{", dtype=np.uint8)
@@ -38,14 +48,25 @@ class EmbeddingRequest:
     modality: str = "embedding"
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How the hits of several streams are returned: fused (``fusion``) or grouped (``per_modality``)."""
+
+    per_modality: int | None = None
+    fusion: str = DEFAULT_FUSION
+
+
+DEFAULT_OPTIONS = SearchOptions()
+
+
 def parse_request(body: bytes, content_type: str, *, max_k: int, default_k: int,
-                  max_json_depth: int) -> QueryRequest | EmbeddingRequest:
+                  max_json_depth: int) -> tuple[QueryRequest | EmbeddingRequest, SearchOptions]:
     """Dispatch on the Content-Type: application/json or multipart/form-data (415 otherwise)."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "application/json":
         return parse_json_request(body, max_k=max_k, default_k=default_k, max_json_depth=max_json_depth)
     if media_type == "multipart/form-data":
-        return parse_multipart_request(body, content_type, max_k=max_k, default_k=default_k)
+        return parse_multipart_request(body, content_type, max_k=max_k, default_k=default_k), DEFAULT_OPTIONS
     raise RequestError(415, f"Content-Type {media_type or '(none)'!r} is not supported: "
                             "send application/json or multipart/form-data")
 
@@ -58,7 +79,7 @@ def json_depth(body: bytes) -> int:
 
 
 def parse_json_request(body: bytes, *, max_k: int, default_k: int,
-                       max_json_depth: int) -> QueryRequest | EmbeddingRequest:
+                       max_json_depth: int) -> tuple[QueryRequest | EmbeddingRequest, SearchOptions]:
     depth = json_depth(body)
     if depth > max_json_depth:
         raise RequestError(400, f"the JSON body nests {depth} levels deep, over max_json_depth={max_json_depth}")
@@ -83,12 +104,25 @@ def parse_json_request(body: bytes, *, max_k: int, default_k: int,
                                 f"audio, image, video); got {', '.join(given) or 'none'}")
     k = _parse_k(data.get("k"), max_k, default_k)
     search = _parse_modalities(data.get("modality"))
+    options = _parse_options(data, max_k)
     if given[0] == "embedding":
-        return EmbeddingRequest(embedding=_parse_embedding(data["embedding"]), k=k, search=search)
-    text = data["text"]
-    if not isinstance(text, str) or not text.strip():
-        raise RequestError(400, "text must be a non-empty string")
-    return QueryRequest(modality="text", text=text, k=k, search=search)
+        return EmbeddingRequest(embedding=_parse_embedding(data["embedding"]), k=k, search=search), options
+    try:
+        text = check_text(data["text"])
+    except BadQueryError as err:
+        raise RequestError(400, str(err)) from err
+    return QueryRequest(modality="text", text=text, k=k, search=search), options
+
+
+def _parse_options(data: dict[str, Any], max_k: int) -> SearchOptions:
+    per_modality = data.get("k_per_modality")
+    if per_modality is not None and (isinstance(per_modality, bool) or not isinstance(per_modality, int)
+                                     or not 1 <= per_modality <= max_k):
+        raise RequestError(422, f"k_per_modality = {per_modality!r} must be an integer in [1, {max_k}]")
+    fusion = data.get("fusion", DEFAULT_FUSION)
+    if fusion not in FUSIONS:
+        raise RequestError(422, f"fusion = {json.dumps(fusion)[:40]} must be one of {', '.join(FUSIONS)}")
+    return SearchOptions(per_modality=per_modality, fusion=fusion)
 
 
 def _parse_embedding(value: Any) -> tuple[float, ...]:
@@ -102,15 +136,3 @@ def _parse_embedding(value: Any) -> tuple[float, ...]:
         if not math.isfinite(x) or abs(x) > 3.4e38:
             raise RequestError(400, f"embedding[{i}] = {x!r} is not a finite float32 number")
     return tuple(float(x) for x in value)
-
-
-def embedding_vector(request: EmbeddingRequest, dim: int, version: str) -> np.ndarray:
-    """The request's embedding as a (1, dim) L2-normalised float32 query, checked against ``dim``."""
-    if len(request.embedding) != dim:
-        raise RequestError(400, f"embedding has {len(request.embedding)} values; the served version {version} "
-                                f"has dim {dim}")
-    vec = np.asarray(request.embedding, dtype=np.float64)
-    norm = float(np.linalg.norm(vec))
-    if not (norm > 0 and math.isfinite(norm)):
-        raise RequestError(400, "embedding has no direction (its norm is 0): give a non-zero vector")
-    return np.ascontiguousarray((vec / norm)[None, :], dtype=np.float32)

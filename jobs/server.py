@@ -34,22 +34,25 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from xmodal_index.jobs.query_cmd import hit_json
 from xmodal_index.jobs.query_support import QueryRequest, RequestError
-from xmodal_index.jobs.serve_http import BodyBudget, HTTPServer, HTTPServer6, Handler
+from xmodal_index.jobs.serve_http import BodyBudget, Handler, HTTPServer, HTTPServer6
 from xmodal_index.jobs.serve_media import MEDIA_MODALITIES, MediaDecoders, MediaQueryConfig, MediaQueryError
 from xmodal_index.jobs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from xmodal_index.jobs.serve_metrics import ServeMetrics
-from xmodal_index.jobs.serve_request import EmbeddingRequest, embedding_vector, parse_request
+from xmodal_index.jobs.serve_request import EmbeddingRequest, SearchOptions, parse_request
 from xmodal_index.pipeline.decode import DecodeConfig, decode_item
 from xmodal_index.pipeline.types import MediaItem, Segment
+from xmodal_index.query.core import QueryIndex
+from xmodal_index.query.errors import BadQueryError, QueryError
+from xmodal_index.query.request import Query
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionError
+from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionError, Served
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,8 @@ class QueryServer:
         self.metrics = ServeMetrics(self.ROUTES, handle.status, lambda: self._httpd.connections,
                                     lambda: (self.media.in_flight, self.media.rejected, self.media.killed))
         self._openapi: bytes | None = None
+        self._core_lock = threading.Lock()
+        self._core: tuple[Served, QueryIndex] | None = None  # the query core over the served version
         self._thread: threading.Thread | None = None
 
     @property
@@ -131,7 +136,7 @@ class QueryServer:
         host = self.config.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
-    def start(self) -> "QueryServer":
+    def start(self) -> QueryServer:
         """Serve from a background thread (returns at once); stop with shutdown()."""
         if self._thread is None:
             self.media.start()
@@ -151,7 +156,7 @@ class QueryServer:
         self._media_lane.shutdown(wait=True, cancel_futures=True)
         self.media.close()
 
-    def __enter__(self) -> "QueryServer":
+    def __enter__(self) -> QueryServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -211,8 +216,8 @@ class QueryServer:
 
     def query(self, body: bytes, content_type: str, started: float) -> tuple[int, dict[str, Any]]:
         cfg = self.config
-        request = parse_request(body, content_type, max_k=cfg.max_k, default_k=cfg.default_k,
-                                max_json_depth=cfg.max_json_depth)
+        request, options = parse_request(body, content_type, max_k=cfg.max_k, default_k=cfg.default_k,
+                                         max_json_depth=cfg.max_json_depth)
         deadline = started + cfg.request_timeout_s
         if isinstance(request, QueryRequest) and request.modality in MEDIA_MODALITIES:
             self._check_encodable(request.modality)
@@ -221,12 +226,12 @@ class QueryServer:
                     payload = self.media.decode(request.modality, request.data or b"", request.filename, deadline)
                 except MediaQueryError as err:
                     raise RequestError(err.status, str(err)) from err
-                return self._answer(self._media_lane, request, payload, deadline)
-        return self._answer(self._workers, request, None, deadline)
+                return self._answer(self._media_lane, request, options, payload, deadline)
+        return self._answer(self._workers, request, options, None, deadline)
 
     def _answer(self, pool: concurrent.futures.ThreadPoolExecutor, request: QueryRequest | EmbeddingRequest,
-                payload: Any, deadline: float) -> tuple[int, dict[str, Any]]:
-        future = pool.submit(self._run, request, payload)
+                options: SearchOptions, payload: Any, deadline: float) -> tuple[int, dict[str, Any]]:
+        future = pool.submit(self._run, request, options, payload)
         try:
             return 200, future.result(timeout=max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError as err:
@@ -238,25 +243,39 @@ class QueryServer:
         """Refuse a media query the served encoder cannot embed before spending a decode worker on it."""
         served = self.handle.current
         encoder = served.extra if served is not None else None
-        if encoder is not None and modality not in encoder.modalities:
+        if served is not None and encoder is not None and modality not in encoder.modalities:
             raise RequestError(422, f"the encoder of {served.version} cannot embed {modality} queries "
                                     f"(it takes {', '.join(encoder.modalities)})")
 
-    def _run(self, request: QueryRequest | EmbeddingRequest, payload: Any) -> dict[str, Any]:
+    def _core_of(self, served: Served) -> QueryIndex:
+        """The query core over a served version and its encoder, kept while that version is served."""
+        with self._core_lock:
+            if self._core is None or self._core[0] is not served:
+                self._core = (served, QueryIndex(served.index, served.extra))
+            return self._core[1]
+
+    def _run(self, request: QueryRequest | EmbeddingRequest, options: SearchOptions, payload: Any) -> dict[str, Any]:
+        """Embed (text here, media from its decoded payload) and search through the query core."""
         try:
             with self.handle.acquire() as served:
+                core = self._core_of(served)
                 if isinstance(request, EmbeddingRequest):
-                    vec = embedding_vector(request, served.manifest.dim, served.version)
+                    query = Query("embedding", list(request.embedding))
+                elif request.modality == "text":
+                    query = Query("text", request.text)
                 else:
                     encoder = served.extra
                     if request.modality not in encoder.modalities:
                         raise RequestError(422, f"the encoder of {served.version} cannot embed {request.modality} "
                                                 f"queries (it takes {', '.join(encoder.modalities)})")
-                    value = request.text if request.modality == "text" else payload
-                    vec = np.ascontiguousarray(encoder.encode(request.modality, [value]).embeddings,
-                                               dtype=np.float32)
-                hits = served.index.search(vec, request.k,
-                                           modalities=list(request.search) if request.search else None)[0]
-                return {"version": served.version, "hits": [hit_json(h) for h in hits]}
+                    vec = encoder.encode(request.modality, [payload]).embeddings
+                    query = Query("embedding", np.asarray(vec[0], dtype=np.float32))
+                hits = core.run(query, k=request.k, modalities=request.search, per_modality=options.per_modality,
+                                fusion=options.fusion)
+                return {"version": served.version, "hits": [h.to_json() for h in hits]}
         except NoServableVersionError as err:
             raise RequestError(503, str(err)) from err
+        except BadQueryError as err:
+            raise RequestError(400, str(err).splitlines()[0]) from err
+        except QueryError as err:
+            raise RequestError(503, f"the served version cannot answer: {err}".splitlines()[0]) from err

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -87,9 +86,9 @@ def test_an_embedding_query_finds_the_row_it_came_from(server):
 
 
 @pytest.mark.parametrize("values, needle", [
-    (lambda d: [0.1] * (d - 1), "has dim"),
-    (lambda d: [0.1] * (d + 1), "has dim"),
-    (lambda d: [0.0] * d, "norm is 0"),
+    (lambda d: [0.1] * (d - 1), "needs {d} numbers"),
+    (lambda d: [0.1] * (d + 1), "needs {d} numbers"),
+    (lambda d: [0.0] * d, "zero vector"),
     (lambda d: [0.1] * (d - 1) + ["x"], "is not a number"),
     (lambda d: [0.1] * (d - 1) + [True], "is not a number"),
     (lambda d: [0.1] * (d - 1) + [None], "is not a number"),
@@ -98,8 +97,9 @@ def test_an_embedding_query_finds_the_row_it_came_from(server):
     (lambda d: [[0.1] * d], "is not a number"),
 ])
 def test_bad_embeddings_get_400_naming_the_problem(server, values, needle):
-    status, body = query(server, {"embedding": values(dim_of(server))})
-    assert status == 400 and needle in body["error"] and "\n" not in body["error"], body
+    d = dim_of(server)
+    status, body = query(server, {"embedding": values(d)})
+    assert status == 400 and needle.replace("{d}", str(d)) in body["error"] and "\n" not in body["error"], body
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
@@ -107,6 +107,20 @@ def test_non_finite_embedding_values_get_400(server, literal):
     raw = b'{"embedding": [' + b"0.1, " * (dim_of(server) - 1) + literal + b"]}"
     status, body = query(server, raw=raw)
     assert status == 400 and "finite" in body["error"] and f"embedding[{dim_of(server) - 1}]" in body["error"]
+
+
+def test_k_per_modality_groups_hits_by_stream(server):
+    status, body = query(server, {"text": "seven", "k_per_modality": 2, "modality": ["text", "audio"]})
+    assert status == 200
+    assert [h["modality"] for h in body["hits"]] == ["text", "text", "audio", "audio"]
+
+
+@pytest.mark.parametrize("extra, needle", [({"k_per_modality": 0}, "k_per_modality"),
+                                           ({"k_per_modality": 21}, "[1, 20]"),
+                                           ({"fusion": "max"}, "calibrated, rrf, zscore, score")])
+def test_bad_grouping_options_get_422(server, extra, needle):
+    status, body = query(server, {"text": "seven", **extra})
+    assert status == 422 and needle in body["error"]
 
 
 def test_text_and_embedding_together_get_400(server):
@@ -209,7 +223,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     result = subprocess.run([exe, "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
                              "--max-examples", "200", "--workers", "1", "--phases", "examples,coverage,fuzzing",
                              "--suppress-health-check", "all", "--report-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     tested = re.search(r"(\d+) generated", result.stdout)
     assert tested and int(tested.group(1)) >= 100, result.stdout[-2000:]

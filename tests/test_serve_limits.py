@@ -171,7 +171,8 @@ def test_serve_on_a_missing_bucket_prints_one_line_and_exits_1(s3_env):
 def test_serve_help_names_every_limit_and_its_default():
     result = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200)
     text = " ".join(result.output.split())
-    for needle in ("--header-timeout-s", "default: 10.0", "--max-inflight-body-bytes", "128 MiB", "--max-connections", "default: 64", "--media-workers",
+    for needle in ("--header-timeout-s", "default: 10.0", "--max-inflight-body-bytes", "128 MiB",
+                   "--max-connections", "default: 64", "--media-workers",
                    "--media-queue", "Retry-After", "--media-max-duration-s", "default: 600.0", "--media-memory-mb",
                    "default: 1536"):
         assert needle in text, needle

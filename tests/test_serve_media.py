@@ -219,7 +219,8 @@ def test_a_long_video_query_is_encoded_from_at_most_max_video_frames():
     from xmodal_index.pipeline.types import Segment
 
     decoders = MediaDecoders(MediaQueryConfig(max_video_frames=16), max_bytes=1 << 20, timeout_s=5)
-    segments = [Segment("q", "e", "video", t, t + 30.0, np.full((60, 4, 4, 3), t // 30, np.uint8)) for t in range(0, 300, 30)]
+    segments = [Segment("q", "e", "video", t, t + 30.0, np.full((60, 4, 4, 3), t // 30, np.uint8))
+                for t in range(0, 300, 30)]
     frames = decoders._collect(iter(segments), "video", "long.mp4")
     assert frames.shape == (16, 4, 4, 3)
     assert frames[0, 0, 0, 0] == 0 and frames[-1, 0, 0, 0] == 9  # spread over the whole clip
