@@ -249,23 +249,18 @@ def _refuse_constant(name: str) -> Any:
     raise _Bad(f"{name} is not a JSON number")
 
 
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+
+
 def _depth(text: str) -> int:
+    """Deepest nesting of arrays and objects (brackets inside strings do not count)."""
     depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
+    for ch in _BRACKET_RE.findall(_STRING_RE.sub("", text)):
+        if ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        elif ch in "]}":
+        else:
             depth -= 1
     return deepest
 
