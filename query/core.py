@@ -27,6 +27,8 @@ from xmodal_index.query.media import QuerySegmenting, decode_query_media, decode
 from xmodal_index.query.request import Query, check_embedding, check_k, parse_modalities
 from xmodal_index.query.resolve import resolve_index_root, run_decode_config
 
+_UNSET = object()
+
 
 @dataclasses.dataclass(frozen=True)
 class SegmentHits:
@@ -48,6 +50,7 @@ class QueryIndex:
         self._owns_version = owns_version
         self._segmenting = segmenting
         self._pair_stats: dict[str, dict[str, tuple[float, float]]] | None = None
+        self._text_encoder: Any = _UNSET
         self._lock = threading.RLock()
 
     @classmethod
@@ -99,6 +102,20 @@ class QueryIndex:
             return self._encoder
 
     @property
+    def text_encoder(self) -> Any:
+        """A torch-free encoder for text queries when the version's encoder has one (the built-in
+        encoder's numpy text tower), else None (text queries then use ``encoder``)."""
+        with self._lock:
+            if self._text_encoder is _UNSET:
+                if self._encoder is not None:
+                    self._text_encoder = None  # the full encoder is loaded anyway
+                else:
+                    from xmodal_index.query.encoder import load_text_query_encoder
+
+                    self._text_encoder = load_text_query_encoder(self._version)
+            return self._text_encoder
+
+    @property
     def segmenting(self) -> QuerySegmenting:
         """How query media is segmented: the decode settings of the run that built the version."""
         if self._segmenting is None:
@@ -139,7 +156,8 @@ class QueryIndex:
         """(1, dim) float32 query vector and its packed hash code (None for embedding queries)."""
         if query.modality == "embedding":
             return check_embedding(query.value, int(self.manifest.dim)), None
-        encoder = self.encoder
+        encoder = self.text_encoder if query.modality == "text" else None
+        encoder = encoder or self.encoder
         if query.modality not in encoder.modalities:
             raise BadQueryError(f"the encoder of {self.version} cannot embed {query.modality} queries "
                                 f"(it takes {', '.join(encoder.modalities)})")

@@ -38,3 +38,35 @@ def load_query_encoder(version: Any) -> Any:
     if encoder.model_id != expected:
         raise QueryError(f"encoder {encoder.model_id} does not match the index's model_id {expected}")
     return encoder
+
+
+def load_text_query_encoder(version: Any) -> Any | None:
+    """A torch-free text encoder for a version built by the built-in encoder alone (its numpy
+    text tower, same model_id), or None when the version's encoder has no such path."""
+    from xmodal_index.encoders.base import EncoderError
+    from xmodal_index.encoders.builtin_text import BuiltinTextEncoder
+    from xmodal_index.encoders.config import BUNDLED_CHECKPOINT
+
+    try:
+        with open(version.file_path("encoder.json"), encoding="utf-8") as f:
+            conf = json.load(f)
+    except Exception:  # noqa: BLE001 - the full loader reports what is wrong
+        return None
+    if not isinstance(conf, dict) or conf.get("kind", "builtin") != "builtin" or conf.get("text_kind"):
+        return None
+    checkpoint = conf.get("checkpoint")
+    if checkpoint in _VERSION_FILES:
+        path = version.file_path(checkpoint)
+    elif checkpoint == BUNDLED_CHECKPOINT:
+        from importlib import resources
+
+        path = str(resources.files("xmodal_index.encoders") / "checkpoints" / "builtin-digits.safetensors")
+    else:
+        return None
+    try:
+        encoder = BuiltinTextEncoder(path, int(conf.get("bits", 64)))
+    except (EncoderError, ValueError, TypeError):
+        return None
+    expected = conf.get("model_id", version.manifest.model_id)
+    return encoder if encoder.model_id == expected and encoder.dim == version.manifest.dim else None
+

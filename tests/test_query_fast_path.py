@@ -45,3 +45,31 @@ def test_unknown_command_is_still_refused_by_name():
     result = CliRunner().invoke(cli, ["qurey"])
     assert result.exit_code == 2
     assert "No such command 'qurey'" in result.output
+
+
+def test_numpy_text_tower_matches_the_torch_encoder():
+    import numpy as np
+
+    from xmodal_index.encoders.builtin import bundled_checkpoint_path
+    from xmodal_index.encoders.builtin_text import BuiltinTextEncoder
+    from xmodal_index.encoders.config import EncoderConfig
+    from xmodal_index.encoders.loading import load_encoder
+
+    texts = ["seven", "a voice counting: seven", "the digit zero, written by hand", "x", "Ünïcode 七 ", "  "]
+    fast = BuiltinTextEncoder(bundled_checkpoint_path(), 64)
+    full = load_encoder(EncoderConfig(bits=64))
+    a, b = fast.encode("text", texts), full.encode("text", texts)
+    assert fast.model_id == full.model_id and fast.dim == full.dim
+    assert np.all((a.embeddings * b.embeddings).sum(axis=1) > 0.999)
+    assert (a.codes == b.codes).mean() > 0.95
+
+
+def test_a_text_query_through_the_api_loads_no_torch(tmp_path_factory):
+    from tests.query_fixtures import sample_work
+
+    _, work = sample_work(tmp_path_factory)
+    code = ("import sys, xmodal_index\n"
+            f"hits = xmodal_index.open({str(work)!r}).search(text='seven', k=3, modalities='video')\n"
+            "print(len(hits), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3", "False"]
