@@ -9,10 +9,11 @@ import threading
 
 import click
 
-from xmodal_index.jobs.query_cmd import resolve_index_root
 from xmodal_index.jobs.serve_encoder import prepare_serving_encoder
 from xmodal_index.jobs.serve_media import MediaQueryConfig
 from xmodal_index.jobs.server import MiB, QueryServer, ServerConfig
+from xmodal_index.query.errors import QueryError
+from xmodal_index.query.resolve import resolve_index_root
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
@@ -89,7 +90,7 @@ def serve(index_uri, version, host, port, poll_s, max_body_bytes, max_inflight_b
     try:
         handle = IndexHandle(resolve_index_root(index_uri), swap_config, prepare=prepare_serving_encoder)
         handle.start()
-    except SinkError as err:
+    except (SinkError, QueryError) as err:
         click.echo(f"xmodal-index serve: error: {err}".splitlines()[0], err=True)
         sys.exit(EXIT_ERROR)
     except Exception as err:  # noqa: BLE001 - an unreachable store or an unreadable pinned version: one line

@@ -1,9 +1,9 @@
 """The query encoder of a served version, opened read-only: only the model's identity is trusted.
 
 A version publishes ``encoder.json``: the builder's whole EncoderConfig. A query node
-takes from it only what names the model (kind, checkpoint, dim, bits, seed) and runs
-it its own way: device, precision, batch size and torch threads are the node's
-(EncoderConfig defaults), never the builder's. A built-in model's weights come only
+takes from it only what names the model (kind, checkpoint, dim, bits, seed, text
+model) and runs it its own way: device, precision, batch size and torch threads
+(``RUNTIME_FIELDS``) are the node's (EncoderConfig defaults), never the builder's. A built-in model's weights come only
 from the version's own verified files (``model.safetensors``), the bundled checkpoint,
 or the seeded untrained model: a checkpoint path of the build machine is refused.
 The loaded encoder's model_id must match the one the version recorded.
@@ -18,13 +18,15 @@ from xmodal_index.sinks.errors import IndexVersionError
 from xmodal_index.sinks.serving.hot_swap import Served
 from xmodal_index.sinks.serving.loader import IndexVersion
 
-IDENTITY_FIELDS = ("kind", "checkpoint", "dim", "bits", "seed")
+RUNTIME_FIELDS = ("device", "precision", "batch_size", "threads")
 VERSION_CHECKPOINT = "model.safetensors"
 _MAX_ENCODER_JSON_BYTES = 1 << 20
 
 
 def serving_encoder_config(version: IndexVersion) -> Any:
     """The EncoderConfig a query node loads for ``version`` (identity from the version, runtime its own)."""
+    import dataclasses
+
     from xmodal_index.encoders.config import BUNDLED_CHECKPOINT, EncoderConfig
 
     path = version.file_path("encoder.json")
@@ -38,7 +40,10 @@ def serving_encoder_config(version: IndexVersion) -> Any:
         raise IndexVersionError(f"version {version.version}: encoder.json is not JSON: {err}") from err
     if not isinstance(conf, dict):
         raise IndexVersionError(f"version {version.version}: encoder.json is not a JSON object")
-    identity = {k: conf[k] for k in IDENTITY_FIELDS if k in conf}
+    names = {f.name for f in dataclasses.fields(EncoderConfig)} - set(RUNTIME_FIELDS)
+    identity = {k: v for k, v in conf.items() if k in names}
+    if identity.get("text_model") == VERSION_CHECKPOINT:
+        identity["text_model"] = version.file_path(VERSION_CHECKPOINT)
     if identity.get("kind", "builtin") == "builtin":
         checkpoint = identity.get("checkpoint", BUNDLED_CHECKPOINT)
         if checkpoint == VERSION_CHECKPOINT:
