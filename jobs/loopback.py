@@ -4,13 +4,15 @@ Beam's DirectRunner (FnApiRunner) in ``multi_threading`` and ``multi_processing`
 mode starts four unauthenticated gRPC servers (control, data, state, logging) for
 its workers, bound to every interface (``[::]:0``, apache_beam 2.77
 ``fn_api_runner/worker_handlers.py`` ``GrpcServer``), although its workers always
-reach them at ``localhost:PORT``. A batch job on an archive host must not listen
+reach them at ``localhost:PORT``. In ``multi_processing`` mode each worker
+process also gets a logging server (``local_job_service.py``
+``SubprocessSdkWorker``). A batch job on an archive host must not listen
 on the network, so :func:`install` makes those servers bind ``localhost:0``
 (IPv4 and IPv6 loopback) instead. Nothing else changes: same runner, same worker
 threads or processes, same throughput (bench/README.md). ``in_memory`` mode opens
 no server at all.
 
-The change is confined to the gRPC module reference of that one Beam module; a
+The change is confined to the gRPC module reference of those two Beam modules; a
 test (tests/test_run_listeners.py) checks that a running ``xmodal-index run`` has
 no listening socket outside loopback, so a Beam upgrade that moves the servers
 fails there rather than silently listening again.
@@ -58,19 +60,32 @@ class _LoopbackGrpc:
         return getattr(self._grpc, name)
 
 
+# Beam modules that start servers for the DirectRunner's own workers
+_MODULES = (
+    "apache_beam.runners.portability.fn_api_runner.worker_handlers",  # control, data, state, logging
+    "apache_beam.runners.portability.local_job_service",  # multi_processing: each worker's logging server
+)
+
+
 def install() -> bool:
     """Make the DirectRunner's worker servers of this process bind loopback only
-    (idempotent). False when Beam's module no longer looks as expected."""
-    try:
-        from apache_beam.runners.portability.fn_api_runner import worker_handlers
-    except ImportError:
-        return False
+    (idempotent). False when a Beam module no longer looks as expected."""
+    import importlib
+
+    ok = True
     with _lock:
-        current = getattr(worker_handlers, "grpc", None)
-        if isinstance(current, _LoopbackGrpc):
-            return True
-        if current is None or not hasattr(current, "server"):
-            logger.warning("cannot keep Beam's worker servers on loopback: apache_beam's worker_handlers has no grpc")
-            return False
-        worker_handlers.grpc = _LoopbackGrpc(current)
-        return True
+        for name in _MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                ok = False
+                continue
+            current = getattr(module, "grpc", None)
+            if isinstance(current, _LoopbackGrpc):
+                continue
+            if current is None or not hasattr(current, "server"):
+                logger.warning("cannot keep Beam's worker servers on loopback: %s has no grpc module", name)
+                ok = False
+                continue
+            module.grpc = _LoopbackGrpc(current)
+    return ok

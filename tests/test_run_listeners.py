@@ -78,13 +78,15 @@ def _is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-def test_a_running_run_listens_on_loopback_only(tmp_path):
+@pytest.mark.parametrize("beam_args", [[], ["--", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]],
+                         ids=["default", "multi_processing"])
+def test_a_running_run_listens_on_loopback_only(tmp_path, beam_args):
     make_archive(tmp_path / "src")
     for k in range(6):  # enough work that the DAG runs for a while
         (tmp_path / "src" / "texts" / f"more{k}.txt").write_text(f"more text {k} " * 50)
     config = write_config(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "xmodal_index", "run", "--source", str(tmp_path / "src"),
-                             "--workdir", str(tmp_path / "work"), "--config", str(config)],
+                             "--workdir", str(tmp_path / "work"), "--config", str(config), *beam_args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[str, int] = {}
     try:
