@@ -141,7 +141,7 @@ def test_a_file_with_a_wrong_sha256_never_appears_in_the_cache(request, store, n
     rewrite_manifest(root, "v000001",
                      lambda m: m["files"].append({"file": "extra.bin", "sha256": "0" * 64, "bytes": len(PAYLOAD)}))
     with pytest.raises(ChecksumMismatchError, match="extra.bin"):
-        IndexVersion.open(root, cache_dir=str(node / "cache"))
+        IndexVersion.open(root, version="v000001", cache_dir=str(node / "cache"))
     cached = {os.path.basename(p) for p in tree(str(node / "cache"))}
     assert "extra.bin" not in cached
     assert not any(name.startswith(".fetch-") for name in cached)
@@ -152,19 +152,28 @@ def test_a_file_larger_than_listed_is_refused_and_not_cached(local_root, node):
     rewrite_manifest(local_root, "v000001",
                      lambda m: m["files"].append({"file": "extra.bin", "sha256": SHA_OK, "bytes": len(PAYLOAD)}))
     with pytest.raises(ChecksumMismatchError, match="larger than"):
-        IndexVersion.open(local_root, cache_dir=str(node / "cache"))
+        IndexVersion.open(local_root, version="v000001", cache_dir=str(node / "cache"))
     assert "extra.bin" not in {os.path.basename(p) for p in tree(str(node / "cache"))}
 
 
+def test_a_name_that_leaves_the_directory_never_becomes_a_cache_path(tmp_path):
+    from xmodal_index.sinks.serving.cache import file_path
+
+    assert file_path(str(tmp_path), "shard.faiss") == str(tmp_path / "shard.faiss")
+    for name in ("../x", "/etc/passwd", "a/b", "..", ""):
+        with pytest.raises(IndexVersionError):
+            file_path(str(tmp_path), name)
+
+
 def test_a_symlink_planted_in_the_cache_is_replaced_not_followed(local_root, node):
-    with IndexVersion.open(local_root, cache_dir=str(node / "cache")) as index:
+    with IndexVersion.open(local_root, version="v000001", cache_dir=str(node / "cache")) as index:
         victim_name = index.manifest.id_maps[0].file
         cached = os.path.join(index.local_dir, victim_name)
     victim = node / "victim.txt"
     victim.write_text("untouched")
     os.unlink(cached)
     os.symlink(victim, cached)
-    with IndexVersion.open(local_root, cache_dir=str(node / "cache")):
+    with IndexVersion.open(local_root, version="v000001", cache_dir=str(node / "cache")):
         pass
     assert victim.read_text() == "untouched"
     assert not os.path.islink(cached) and os.path.isfile(cached)

@@ -156,10 +156,11 @@ def materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -
         local_dir = os.path.join(os.path.abspath(_local_root(index_root)), version)
     else:
         local_dir = os.path.join(index_cache_dir(index_root, cache_dir), version)
+    paths = [(entry, file_path(local_dir, entry.file)) for entry in manifest.all_files()]  # every name first
+    if not in_place:
         os.makedirs(local_dir, exist_ok=True)
         if os.path.islink(local_dir) or not os.path.isdir(local_dir):
             raise IndexVersionError(f"cache directory {local_dir!r} is not a plain directory")
-    paths = [(entry, file_path(local_dir, entry.file)) for entry in manifest.all_files()]  # every name first
     for entry, path in paths:
         uri = storage.join(index_root, version, entry.file)
         problem = _mismatch(entry, path)
