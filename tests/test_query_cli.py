@@ -46,6 +46,10 @@ def test_demo_image_query_shows_speech_and_captions_in_its_top_5(sample, tmp_pat
     gt = ground_truth(archive)
     top_audio = next(h for h in top5 if h["modality"] == "audio")
     assert gt[(top_audio["uri"], "audio", top_audio["start_s"])] == 7
+    (clip_query,) = [q for q in answers if q.startswith("speech at 1-2 s")]
+    spoken = gt[(str(archive / "videos" / "clip_00.mp4"), "audio", 1.0)]
+    top_video = answers[clip_query][0]
+    assert gt[(top_video["uri"], "video", top_video["start_s"])] == spoken
 
 
 def test_raw_score_merge_is_what_swamped_the_list(sample):

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Hit", "QueryError", "QueryIndex", "open", "__version__"]
+# open() is public too, but not star-exported: it would shadow the builtin.
+__all__ = ["Hit", "QueryError", "QueryIndex", "__version__"]
 
 if TYPE_CHECKING:
     from xmodal_index.query.core import QueryIndex
@@ -28,8 +29,8 @@ if TYPE_CHECKING:
     from xmodal_index.query.hits import Hit
 
 
-def open(uri: str, index: str = "main", version: str | None = None,  # noqa: A001 - the API's name
-         cache_dir: str | None = None) -> "QueryIndex":
+def open(uri: str, index: str = "main", version: str | None = None,
+         cache_dir: str | None = None) -> QueryIndex:
     """Open a published index version for search.
 
     ``uri``: a workdir (its index ``index`` is used) or an index root (WORKDIR/indexes/NAME);
