@@ -179,7 +179,7 @@ class QueryIndex:
         Exactly one of text, audio, image, video (file paths) or embedding (``dim`` numbers).
         ``start_s``/``end_s`` cut an audio or video query to that range (seconds).
         ``modalities`` limits the searched streams (default: all). Several streams are merged
-        by ``fusion`` (rrf, zscore or score); ``per_modality=K`` returns instead the best K of
+        by ``fusion`` (rrf, calibrated, zscore or score); ``per_modality=K`` returns instead the best K of
         each stream, grouped by stream in the order of ``modalities``.
         """
         query = Query.of(text=text, audio=audio, image=image, video=video, embedding=embedding,
