@@ -143,8 +143,7 @@ def decode_cost(paths: list[str], mode: dict, repeat: int) -> dict:
     for _ in range(repeat):
         media_s, rows, cpu, wall = 0.0, 0, time.process_time(), time.perf_counter()
         for path in paths:
-            for seg in decode_item(_item(path), config):
-                rows += 1
+            rows += sum(1 for _ in decode_item(_item(path), config))
             media_s += _duration(path)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         if best is None or cpu < best["cpu_s"]:
@@ -415,7 +414,8 @@ def main() -> None:
                 save()
                 print(f"run {variant:9} {scale:2d}x {media_s:6.0f} media-s wall {r['wall_s']:6.1f} s "
                       f"{r['media_s_per_wall_s']:6.1f} media-s/wall-s ({r['against_2x_bare_decode']:.2f} of 2x bare) "
-                      f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()} peak RSS {r['peak_rss_mb']:.0f} MB exit {r['exit_code']} "
+                      f"cores busy {r['cores_busy']:.2f} of {os.cpu_count()} peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"exit {r['exit_code']} "
                       f"{r['stderr_tail']}", flush=True)
                 shutil.rmtree(src)
     save()

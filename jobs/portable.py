@@ -10,7 +10,7 @@ refused with one line naming the flag and the address.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 CHECK_TIMEOUT_S = 10.0
 

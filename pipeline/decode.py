@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,12 +37,27 @@ from PIL import Image, ImageOps
 from xmodal_index.pipeline import captions
 from xmodal_index.pipeline.audio import open_audio, take_audio
 from xmodal_index.pipeline.decode_config import (  # noqa: F401 (re-exported: the names' historical home)
-    AUDIO_BACKENDS, FRAME_MODES, GiB, MIN_FINAL_SEGMENT_S, MIN_MEMORY_MB, MiB, DecodeConfig, DecodeError,
-    DecoderCrashedError, DecodeTimeoutError, LimitExceededError, NoContentError, ProbeError, TruncatedMediaError,
-    UnsupportedMediaError, frame_times, segment_bounds, truncation_tolerance_s)
+    AUDIO_BACKENDS,
+    FRAME_MODES,
+    MIN_FINAL_SEGMENT_S,
+    MIN_MEMORY_MB,
+    DecodeConfig,
+    DecodeError,
+    DecoderCrashedError,
+    DecodeTimeoutError,
+    GiB,
+    LimitExceededError,
+    MiB,
+    NoContentError,
+    ProbeError,
+    TruncatedMediaError,
+    UnsupportedMediaError,
+    frame_times,
+    segment_bounds,
+    truncation_tolerance_s,
+)
 from xmodal_index.pipeline.decode_video import open_frames
-from xmodal_index.pipeline.probe import (  # noqa: F401 (re-exported)
-    MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file)
+from xmodal_index.pipeline.probe import MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file  # noqa: F401 (re-exported)
 from xmodal_index.pipeline.types import Segment
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError

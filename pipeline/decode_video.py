@@ -25,9 +25,16 @@ import numpy as np
 from PIL import Image
 
 from xmodal_index.pipeline.audio import AV_OPEN_OPTIONS
-from xmodal_index.pipeline.decode_config import (SAMPLING_FAST, SAMPLING_KEYFRAMES, SAMPLING_KEYFRAMES_NEAREST,
-                                                 SAMPLING_UNIFORM, DecodeConfig, DecodeError, TruncatedMediaError,
-                                                 frame_times)
+from xmodal_index.pipeline.decode_config import (
+    SAMPLING_FAST,
+    SAMPLING_KEYFRAMES,
+    SAMPLING_KEYFRAMES_NEAREST,
+    SAMPLING_UNIFORM,
+    DecodeConfig,
+    DecodeError,
+    TruncatedMediaError,
+    frame_times,
+)
 from xmodal_index.pipeline.probe import MediaInfo, ffmpeg_reason
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -45,7 +46,7 @@ def encode_segments(model: CrossModalEncoder, segments: Sequence[Segment], run_i
     by_modality: dict[str, list[int]] = defaultdict(list)
     for i, seg in enumerate(segments):
         by_modality[seg.modality].append(i)
-    rows: list[Optional[dict[str, Any]]] = [None] * len(segments)
+    rows: list[dict[str, Any] | None] = [None] * len(segments)
     for modality, idx in by_modality.items():
         out = model.encode(modality, [segments[i].payload for i in idx])
         for j, i in enumerate(idx):
@@ -132,7 +133,7 @@ class SegmentModelHandler(ModelHandler[Segment, dict, CrossModalEncoder]):
         return model
 
     def run_inference(
-        self, batch: Sequence[Segment], model: CrossModalEncoder, inference_args: Optional[dict] = None
+        self, batch: Sequence[Segment], model: CrossModalEncoder, inference_args: dict | None = None
     ) -> Iterable[dict]:
         return encode_segments(model, batch, self._run_id)
 

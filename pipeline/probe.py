@@ -15,12 +15,12 @@ import os
 import av
 
 from xmodal_index.pipeline.audio import AV_OPEN_OPTIONS
-from xmodal_index.pipeline.decode_config import (DecodeConfig, LimitExceededError, ProbeError,
-                                                 UnsupportedMediaError)
+from xmodal_index.pipeline.decode_config import DecodeConfig, LimitExceededError, ProbeError, UnsupportedMediaError
 
 # Demuxers that read other files or URLs named inside the content, or that are
 # not media at all: never opened, whatever the extension says.
-_REFUSED_DEMUXERS = frozenset({"hls", "applehttp", "dash", "concat", "lavfi", "sdp", "rtp", "rtsp", "tty", "ffmetadata"})
+_REFUSED_DEMUXERS = frozenset({"hls", "applehttp", "dash", "concat", "lavfi", "sdp", "rtp", "rtsp", "tty",
+                               "ffmetadata"})
 # Texts that make FFmpeg open other files or URLs (playlists, concat lists, session
 # descriptions): refused before FFmpeg sees them, whatever the extension says.
 _REFUSED_SIGNATURES = (b"#EXTM3U", b"ffconcat", b";FFMETADATA", b"v=0", b"<?xml", b"<MPD")

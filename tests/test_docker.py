@@ -5,9 +5,9 @@ from __future__ import annotations
 import pathlib
 import re
 import shlex
-import tomllib
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -16,7 +16,8 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
 
 def _logical_lines(text: str) -> list[str]:
-    return [ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = text.replace("\\\n", " ").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def _stages(text: str) -> dict[str, list[str]]:
