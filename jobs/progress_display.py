@@ -89,7 +89,7 @@ class _Display:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="item", file=stream, dynamic_ncols=True, leave=True,
-                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} items{postfix}")
         self._thread = threading.Thread(target=self._loop, name="run-progress", daemon=True)
 
     def reading(self) -> Reading:

@@ -94,3 +94,22 @@ def test_progress_moves_before_the_end_in_every_runner_mode(tmp_path, mode):
     assert finished[-1] == total
     assert finished == sorted(finished)
     assert any(0 < n < total for n in finished[:-1]), finished  # seen moving, not only at the end
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_with_counts_media_rate_elapsed_and_eta():
+    out = _Terminal()
+    with run_progress(4, stream=out):
+        threading.Event().wait(0.7)  # one refresh before any item finished: ETA blank, no nan
+        progress.add("items_done")
+        progress.add("items_failed")
+        progress.add("media_s", 12.0)
+    text = out.getvalue()
+    assert "\r" in text and "progress:" not in text and "nan" not in text
+    last = text.split("\r")[-1]
+    assert "2/4" in last and "1 failed" in last and "12 media-s" in last and "elapsed 0:00:0" in last
+    assert "ETA 0:00:0" in last
