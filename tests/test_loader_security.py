@@ -314,3 +314,19 @@ def served_query():
 
     q = np.ones((1, 16), np.float32)
     return q / np.linalg.norm(q)
+
+
+def test_a_refused_version_leaves_nothing_the_cache_keeps(four_versions, node, tmp_path):
+    root = tmp_path / "four"
+    shutil.copytree(four_versions, root)
+    storage.write_bytes(storage.join(str(root), "v000002", "extra.bin"), PAYLOAD)
+    rewrite_manifest(str(root), "v000002",
+                     lambda m: m["files"].append({"file": "extra.bin", "sha256": "0" * 64, "bytes": len(PAYLOAD)}),
+                     reseal=False)
+    seal_latest(str(root), "v000002")
+    cache_dir = str(node / "cache")
+    with pytest.raises(ChecksumMismatchError):
+        IndexVersion.open(str(root), version="v000002", cache_dir=cache_dir)
+    for v in ("v000003", "v000004"):
+        IndexVersion.open(str(root), version=v, cache_dir=cache_dir).close()
+    assert _cached(cache_dir) == ["v000003", "v000004"]

@@ -143,6 +143,15 @@ def index_cache_dir(index_root: str, cache_dir: str | None) -> str:
     return os.path.join(os.path.abspath(cache_dir or default_cache_dir()), cache_key(index_root))
 
 
+def version_dir(index_root: str, version: str, cache_dir: str | None) -> str:
+    """The local directory of ``version``: in place for a local root without a cache_dir,
+    else ``<cache>/<index key>/<version>``."""
+    mf.version_number(version)
+    if cache_dir is None and not storage.is_s3(index_root):
+        return os.path.join(os.path.abspath(_local_root(index_root)), version)
+    return os.path.join(index_cache_dir(index_root, cache_dir), version)
+
+
 def materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -> str:
     """A local directory holding every listed file, each verified against the manifest.
 
@@ -150,12 +159,8 @@ def materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -
     otherwise files are fetched into the cache as described in the module docstring.
     """
     version = manifest.version
-    mf.version_number(version)
     in_place = cache_dir is None and not storage.is_s3(index_root)
-    if in_place:
-        local_dir = os.path.join(os.path.abspath(_local_root(index_root)), version)
-    else:
-        local_dir = os.path.join(index_cache_dir(index_root, cache_dir), version)
+    local_dir = version_dir(index_root, version, cache_dir)
     paths = [(entry, file_path(local_dir, entry.file)) for entry in manifest.all_files()]  # every name first
     if not in_place:
         os.makedirs(local_dir, exist_ok=True)

@@ -142,12 +142,14 @@ class IndexVersion:
     """One verified, loaded index version. Use ``IndexVersion.open``."""
 
     def __init__(self, index_root: str, manifest: mf.Manifest, local_dir: str,
-                 shards: list[_Shard], id_maps: dict[str, _IdMap], digest: str | None = None) -> None:
+                 shards: list[_Shard], id_maps: dict[str, _IdMap], digest: str | None = None,
+                 held: bool = False) -> None:
         self.index_root = index_root
         self.manifest = manifest
         self.local_dir = local_dir
         self.digest = digest  # sha256 of the manifest.json this version was opened from
-        cache.hold(local_dir)
+        if not held:  # the version's cache directory is never pruned while this is open
+            cache.hold(local_dir)
         self._held = True
         self._shards = shards
         self._id_maps = id_maps
@@ -189,7 +191,25 @@ class IndexVersion:
             raise ValueError(f"{keep_versions = } must be >= 1")
         manifest, digest = sealed_manifest(index_root, version, latest)
         version = manifest.version
-        local_dir = cache.materialise(index_root, manifest, cache_dir)
+        local_dir = cache.version_dir(index_root, version, cache_dir)
+        cache.hold(local_dir)  # from the first fetch on, no prune (of any thread) removes it
+        try:
+            cache.materialise(index_root, manifest, cache_dir)
+            shards, id_maps = cls._load(local_dir, manifest)
+            opened = cls(index_root, manifest, local_dir, shards, id_maps, digest=digest, held=True)
+        except BaseException:
+            cache.release(local_dir)
+            raise
+        logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
+                    manifest.ntotal, len(shards), ",".join(manifest.modalities))
+        if cache_dir is not None or storage.is_s3(index_root):  # fetched into a cache, not read in place
+            cache.prune(os.path.dirname(local_dir), keep)
+        return opened
+
+    @classmethod
+    def _load(cls, local_dir: str, manifest: mf.Manifest) -> tuple[list[_Shard], dict[str, _IdMap]]:
+        """Read the verified files and check them against the manifest."""
+        version = manifest.version
         try:
             id_maps = cls._read_id_maps(local_dir, manifest)
         except IndexVersionError:
@@ -203,12 +223,7 @@ class IndexVersion:
             if rows != shard.entry.ntotal:
                 raise IndexVersionError(f"version {version}: id map {shard.entry.id_map!r} has {rows} rows, shard "
                                         f"{shard.entry.file!r} holds {shard.entry.ntotal}")
-        logger.info("opened index %s %s: %d vectors, %d shards, modalities %s", index_root, version,
-                    manifest.ntotal, len(shards), ",".join(manifest.modalities))
-        opened = cls(index_root, manifest, local_dir, shards, id_maps, digest=digest)
-        if cache_dir is not None or storage.is_s3(index_root):  # fetched into a cache, not read in place
-            cache.prune(os.path.dirname(local_dir), keep)
-        return opened
+        return shards, id_maps
 
     @staticmethod
     def _read_id_maps(local_dir: str, manifest: mf.Manifest) -> dict[str, "_IdMap"]:
