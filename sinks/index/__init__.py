@@ -1,7 +1,8 @@
 """Index versions: choosing, building, searching and publishing FAISS shards.
 
 Lives here: the build config and the budget chooser (choice.py), the streaming shard
-build (build.py), the manifest that describes a version (manifest.py) and the publish
-gate (publish_gate.py). May import pyarrow, faiss, numpy and the sibling packages of
+build (build.py), the manifest that describes a version (manifest.py) and its strict
+schema (manifest_schema.py), the version's seal: manifest digest, HMAC, LATEST and SEAL
+records (seal.py), and the publish gate (publish_gate.py). May import pyarrow, faiss, numpy and the sibling packages of
 sinks/; must not import apache_beam, click or torch.
 """
