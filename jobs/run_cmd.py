@@ -195,7 +195,9 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     Only inputs that are new or changed (etag or size), or that were embedded by
     another model, are processed; inputs gone from the source are marked deleted
     and leave the next index version. Extra arguments after `--` go to Beam's
-    PipelineOptions untouched, e.g. `-- --direct_num_workers=4 --direct_running_mode=multi_processing`.
+    PipelineOptions untouched, e.g. `-- --direct_num_workers=4 --direct_running_mode=multi_processing`;
+    a flag Beam does not define is refused, naming it. Beam's local worker servers
+    listen on loopback only.
 
     Exit codes: 0 the run completed (bad inputs are dead-lettered, not fatal);
     1 the run started but could not complete (unreachable storage, lost lease,
