@@ -58,8 +58,10 @@ def test_the_built_manifest_is_accepted_and_stored_canonical(built):
 def test_known_optional_keys_are_accepted(data):
     d = copy.deepcopy(data)
     d.update(fencing_token=7, rows_fingerprint="sha256:abc", written_by_a_newer_release={"x": 1})
+    d["metrics"].update(fencing_token=3, rows_fingerprint="ab" * 32, ledger_snapshot="ledger-r1.parquet", run_id="r1")
     manifest = mf.Manifest.from_json(json.dumps(d))
     assert manifest.extra["fencing_token"] == 7 and manifest.extra["rows_fingerprint"] == "sha256:abc"
+    assert manifest.metrics["fencing_token"] == 3
 
 
 # ---------------------------------------------------------------- what is refused
@@ -104,6 +106,9 @@ CASES = {
     "fencing token negative": (lambda d: d.update(fencing_token=-1), "fencing_token"),
     "fencing token a string": (lambda d: d.update(fencing_token="3"), "fencing_token"),
     "rows fingerprint a number": (lambda d: d.update(rows_fingerprint=5), "rows_fingerprint"),
+    "metrics fencing token a float": (lambda d: d["metrics"].update(fencing_token=1.5), "metrics.fencing_token"),
+    "metrics ledger snapshot a path": (lambda d: d["metrics"].update(ledger_snapshot="../../etc/x.parquet"),
+                                       "metrics.ledger_snapshot"),
     "file name reserved": (lambda d: d["files"].append({"file": "SEAL", "sha256": "0" * 64, "bytes": 1}), "SEAL"),
     "file name with a slash": (lambda d: d["files"].append({"file": "a/b", "sha256": "0" * 64, "bytes": 1}),
                                "plain file name"),

@@ -14,8 +14,9 @@ with one line naming the first bad key (its value echoed short and sanitised):
   each kind, all of one modality and one ``ntotal``;
 - the float shards' ``ntotal`` add up to ``ntotal``, and so do the binary shards';
 - ``dim``, ``bits`` and ``metric`` are in range and known; kinds and modalities known;
-- known optional keys have their types (``fencing_token``: int >= 0,
-  ``rows_fingerprint``: str). Other unknown top-level keys are kept (newer releases
+- known optional keys have their types, at the top level or in ``metrics`` (where
+  ``run`` records them): ``fencing_token`` an int >= 0, ``rows_fingerprint`` a string,
+  ``ledger_snapshot`` null or a plain file name. Other unknown top-level keys are kept (newer releases
   may add some); unknown keys inside a shard or file entry are refused.
 
 Parsing (:func:`parse_json`) refuses duplicate keys, NaN/Infinity and deep nesting.
@@ -185,10 +186,13 @@ def _check(data: Mapping[str, Any]) -> None:
             _obj(data[key], key)
     if "search_params" in data:
         _params(data["search_params"], "search_params")
-    if "fencing_token" in data:
-        _int(data["fencing_token"], "fencing_token", 0, (1 << 63) - 1)
-    if "rows_fingerprint" in data:
-        _text(data["rows_fingerprint"], "rows_fingerprint")
+    for prefix, holder in (("", data), ("metrics.", data.get("metrics", {}))):  # the run records them in metrics
+        if "fencing_token" in holder:
+            _int(holder["fencing_token"], f"{prefix}fencing_token", 0, (1 << 63) - 1)
+        if "rows_fingerprint" in holder:
+            _text(holder["rows_fingerprint"], f"{prefix}rows_fingerprint")
+        if holder.get("ledger_snapshot") is not None:
+            _name(holder["ledger_snapshot"], f"{prefix}ledger_snapshot")
 
     shards = [_shard(s, f"shards[{i}]") for i, s in enumerate(_list(data["shards"], "shards"))]
     if not shards:
