@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -166,6 +168,13 @@ def test_serve_on_a_missing_bucket_prints_one_line_and_exits_1(s3_env):
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("xmodal-index serve: error:") and "no-such-bucket-xmodal" in lines[0]
+
+
+def test_the_serve_command_imports_no_beam():
+    code = ("import sys, xmodal_index.jobs.serve_cmd, xmodal_index.jobs.server\n"
+            "print(sorted(m for m in ('apache_beam', 'click') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "['click']", out.stderr[-2000:]
 
 
 def test_serve_help_names_every_limit_and_its_default():
