@@ -12,7 +12,7 @@ from typing import NoReturn
 import click
 from xmodal_index.jobs import loopback
 from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
-from xmodal_index.jobs.config import ConfigError, load_config
+from xmodal_index.jobs.config import ConfigError, load_config, user_message
 from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups, printable
 from xmodal_index.jobs.portable import PortableEndpointError, check_portable_endpoints
 from xmodal_index.jobs.progress_display import DEFAULT_EVERY_S, ProgressSettings
@@ -128,7 +128,7 @@ def _s3_settings(endpoint_url: str | None, region: str | None, profile: str | No
         changes = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile)) if v}
         configure_s3(dataclasses.replace(base, **changes))
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--s3-endpoint-url/--s3-region/--s3-profile") from err
+        raise click.BadParameter(user_message(err), param_hint="--s3-endpoint-url/--s3-region/--s3-profile") from err
 
 
 def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
@@ -143,7 +143,7 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
     try:
         return Selection(prefix=prefix, **bounds)
     except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--prefix/--since/--until") from err
+        raise click.BadParameter(user_message(err), param_hint="--prefix/--since/--until") from err
 
 
 @click.command(context_settings={"ignore_unknown_options": False, "show_default": True})
@@ -227,7 +227,7 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
             a.startswith("--default_sdk_harness_log_level") for a in beam_args):
         beam_args = (*beam_args, "--default_sdk_harness_log_level=WARNING")  # worker processes: Beam's INFO from -vv on
     try:
-        check_portable_endpoints(beam_args)
+        check_portable_endpoints(beam_args, runner)
     except PortableEndpointError as err:
         _usage_error(f"after --: {err}")
     selection = _selection(prefix, since, until)

@@ -163,3 +163,19 @@ def test_portable_runner_matches_the_direct_runner_on_the_sample_archive(service
     assert_same_rows(embedding_rows(portable), embedding_rows(direct))
     assert_same_index(index_contents(str(portable / "indexes" / "main")),
                       index_contents(str(direct / "indexes" / "main")))
+
+
+@pytest.mark.parametrize("runner, args, checked", [
+    ("PortableRunner", ["--job_endpoint=localhost:8099", "--environment_type=EXTERNAL",
+                        "--environment_config=localhost:50000"], ["--job_endpoint", "--environment_config"]),
+    # a remote job service: localhost:50000 is each cluster worker's own sidecar, not this machine's
+    ("PortableRunner", ["--job_endpoint=jobserver.internal:8099", "--environment_type=EXTERNAL",
+                        "--environment_config=localhost:50000"], ["--job_endpoint"]),
+    ("FlinkRunner", ["--flink_master=flink:8081", "--environment_type=EXTERNAL",
+                     "--environment_config=localhost:50000"], []),
+    ("DirectRunner", ["--direct_num_workers=2"], []),
+])
+def test_only_endpoints_this_machine_must_reach_are_checked(runner, args, checked):
+    from xmodal_index.jobs.portable import portable_endpoints
+
+    assert [flag for flag, _ in portable_endpoints(args, runner)] == checked
