@@ -60,3 +60,10 @@ def test_a_bad_value_of_a_known_beam_flag_is_one_line(tmp_path):
     assert result.exit_code == 2
     line = _one_error_line(result)
     assert "--direct_running_mode" in line and "sideways" in line
+
+
+@pytest.mark.parametrize("args", [["--prefix", "../up"], ["--s3-endpoint-url", "minio:9000"]])
+def test_bad_option_values_name_the_option_without_internal_names(tmp_path, args):
+    result = _run(tmp_path, *args)
+    assert result.exit_code == 2
+    assert "self." not in result.stderr and args[1] in result.stderr
