@@ -5,14 +5,13 @@ import io
 import os
 import re
 
-
 from tests.query_fixtures import ROOT, sample_work
 
 
 def _readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Python API"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_example_has_five_lines():

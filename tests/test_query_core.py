@@ -2,7 +2,6 @@
 
 import ast
 import json
-import pathlib
 import shutil
 import subprocess
 import sys

@@ -29,7 +29,7 @@ import stat as stat_mod
 import tempfile
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
