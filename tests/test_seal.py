@@ -109,3 +109,19 @@ def test_signing_key_from_env():
     assert seal.signing_key_from_env({seal.SIGNING_KEY_ENV: "s3cret"}) == b"s3cret"
     with pytest.raises(IndexVersionError, match="empty"):
         seal.signing_key_from_env({seal.SIGNING_KEY_ENV: " "})
+
+
+def test_latest_and_seal_on_s3(s3_bucket):
+    from xmodal_index.sinks import storage
+
+    root = f"{s3_bucket}/indexes/main"
+    assert seal.read_latest_record(root) is None
+    sig = seal.sign("v000004", DIGEST, b"k")
+    storage.write_bytes(f"{root}/LATEST", seal.format_latest("v000004", DIGEST, sig).encode())
+    assert seal.read_latest_record(root) == seal.LatestRecord("v000004", DIGEST, sig)
+    seal.write_seal(root, "v000004", DIGEST, sig)
+    assert seal.read_seal(root, "v000004") == (DIGEST, sig)
+    storage.write_bytes(f"{root}/LATEST", b"v000004\n" + b"SECRET\n" * 200_000)
+    with pytest.raises(IndexVersionError, match="more than 256 bytes") as info:
+        seal.read_latest_record(root)
+    assert "SECRET" not in str(info.value)
