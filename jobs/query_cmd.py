@@ -15,7 +15,7 @@ import click
 
 QUERY_KEYS = ("text", "audio", "image", "video")
 EXIT_ERROR = 1
-FUSIONS = ("calibrated", "rrf", "zscore", "score")  # = xmodal_index.query.fusion.FUSIONS (--help imports nothing heavy)
+FUSIONS = ("rrf", "calibrated", "zscore", "score")  # = xmodal_index.query.fusion.FUSIONS (--help imports nothing heavy)
 DEFAULT_CANDIDATES = 100  # = sinks.serving.loader.DEFAULT_CANDIDATES (kept here: --help imports nothing heavy)
 SEGMENT_MODES = ("per-segment", "fused")
 ON_ERROR = ("skip", "stop")

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 
-FUSIONS = ("calibrated", "rrf", "zscore", "score")
+FUSIONS = ("rrf", "calibrated", "zscore", "score")
 DEFAULT_FUSION = "rrf"
 RRF_K = 60  # the constant of Cormack et al. (2009)
 ZSCORE_DEPTH = 50  # candidates per modality that calibrate zscore

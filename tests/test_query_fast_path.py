@@ -73,3 +73,12 @@ def test_a_text_query_through_the_api_loads_no_torch(tmp_path_factory):
             "print(len(hits), 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["3", "False"]
+
+
+def test_the_cli_offers_the_core_fusions_and_default():
+    from xmodal_index.jobs import query_cmd
+    from xmodal_index.query import fusion
+
+    assert query_cmd.FUSIONS == fusion.FUSIONS
+    option = next(p for p in query_cmd.query.params if p.name == "fusion")
+    assert option.default == fusion.DEFAULT_FUSION
