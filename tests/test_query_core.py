@@ -196,3 +196,11 @@ def test_hit_json_has_the_contract_fields(index):
     (hit,) = index.search(text="nine", k=1)
     assert set(hit.to_json()) == {"uri", "modality", "start_s", "end_s", "score", "segment_id", "text"}
     json.dumps(hit.to_json())
+
+
+def test_query_core_and_its_decoding_load_no_beam_or_click():
+    code = ("import sys\n"
+            "import xmodal_index.query.core, xmodal_index.query.batch, xmodal_index.pipeline.decode\n"
+            "print(','.join(m for m in ('apache_beam', 'click', 'xmodal_index.jobs') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
