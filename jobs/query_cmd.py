@@ -53,7 +53,8 @@ def _print_hits(qid: Any, label: str, where: str, version: str, hits: list, as_j
             last, rank = h.modality, 0
         rank += 1
         text = f"  \"{h.text}\"" if h.text else ""
-        click.echo(f"  {rank:>3}. {h.score:.3f}  {h.modality:<5} {h.start_s:7.2f}-{h.end_s:<7.2f} {h.uri}{text}")
+        score = f"{h.score:.3f}" if abs(h.score) >= 0.1 else f"{h.score:.5f}"  # fused rrf scores are ~0.016
+        click.echo(f"  {rank:>3}. {score:>7}  {h.modality:<5} {h.start_s:7.2f}-{h.end_s:<7.2f} {h.uri}{text}")
 
 
 def _label(query: Any) -> str:

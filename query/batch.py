@@ -93,7 +93,9 @@ def parse_line(line: str, where: str, base_dir: str, default_id: Any) -> QueryLi
     if modality in ("audio", "image", "video"):
         if not isinstance(value, str) or not value:
             raise BadQueryError(f"{modality} must be a file path, got {value!r}")
-        value = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        joined = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        norm = os.path.normpath(joined)  # shown in labels; kept only where it names the same file
+        value = norm if os.path.exists(norm) and os.path.exists(joined) and os.path.samefile(norm, joined) else joined
     qid = obj.get("id", default_id)
     if not isinstance(qid, (str, int)) or isinstance(qid, bool):
         raise BadQueryError(f"id must be a string or an integer, got {qid!r}")
