@@ -23,33 +23,28 @@ import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
-import threading
 import time
-from typing import Callable, Sequence
-
+from collections.abc import Callable, Sequence
 
 from xmodal_index.encoders.loading import load_encoder
-from xmodal_index.jobs import run_publish
+from xmodal_index.jobs import run_outcomes, run_publish
 from xmodal_index.jobs.config import RunConfig
 from xmodal_index.jobs.crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, upload_progress
 from xmodal_index.jobs.crash_points import crash_point as _crash_point
 from xmodal_index.jobs.crash_points import dag_crash_points as _dag_crash_points
+from xmodal_index.jobs.progress_display import run_progress
 from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work, split_unrepresentable
-from xmodal_index.pipeline import progress
-from xmodal_index.pipeline.dag import IndexArchive, item_to_json, outcome_from_json, read_worklist
+from xmodal_index.pipeline.dag import IndexArchive, item_to_json, read_worklist
 from xmodal_index.pipeline.types import MediaItem
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.deadletters import read_deadletters, write_deadletters
+from xmodal_index.sinks.deadletters import read_deadletters
 from xmodal_index.sinks.embeddings_io import live_batches
 from xmodal_index.sinks.errors import SinkError
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index import publish
 from xmodal_index.sinks.index.build import build_version
 from xmodal_index.sinks.index.publish_gate import GateConfig
-from xmodal_index.sinks.parts import count_parquet_rows, list_parts, read_lines
-from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
     ledger_snapshot_name,
@@ -60,6 +55,7 @@ from xmodal_index.sinks.ledger import (
     snapshot_name,
     write_ledger,
 )
+from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo
 from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
@@ -169,80 +165,17 @@ def _beam_options(req: RunRequest, run_id: str):
     return PipelineOptions(args, **extra)
 
 
-class _ProgressLine:
-    """Live items/segments/rate line on stderr while the DAG runs (terminals only)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self._total, self._enabled = total, enabled
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self):
-        progress.reset()
-        if self._enabled:
-            self._t0 = time.monotonic()
-            self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            s = progress.snapshot()
-            done = s["items_done"] + s["items_failed"]
-            dt = max(time.monotonic() - self._t0, 1e-6)
-            rate = done / dt
-            eta = (self._total - done) / rate if rate > 0 else float("nan")
-            sys.stderr.write(
-                f"\r  items {done}/{self._total} ({s['items_failed']} failed)  segments {s['segments']}"
-                f"  {rate:.1f} items/s  ETA {eta:.0f}s   "
-            )
-            sys.stderr.flush()
-
-    def __exit__(self, *exc) -> None:
-        if self._enabled:
-            self._stop.set()
-            self._thread.join()
-            sys.stderr.write("\n")
-
-
 def run_dag(req: RunRequest, run_id: str, todo: Sequence[MediaItem], dim: int, bits: int) -> None:
     import apache_beam as beam
 
     worklist = Workdir(req.workdir).worklist(run_id)
     storage.write_bytes(worklist, "".join(item_to_json(i) + "\n" for i in todo).encode())
     cfg = req.config
-    with _ProgressLine(len(todo), req.show_progress), _dag_crash_points(Workdir(req.workdir).embeddings(run_id)):
+    with run_progress(len(todo), req.show_progress), _dag_crash_points(Workdir(req.workdir).embeddings(run_id)):
         with beam.Pipeline(options=_beam_options(req, run_id)) as p:
             items = read_worklist(p, worklist)
             items | "IndexArchive" >> IndexArchive(req.workdir, run_id, cfg.decode, cfg.encoder, dim, bits,
                                                    isolate_decoding=cfg.run.isolate_decoding)
-
-
-def _outcomes(workdir: str, run_id: str) -> dict[str, dict]:
-    """The DAG's per-item outcomes (segments written), by uri."""
-    out = {}
-    for line in read_lines(list_parts(Workdir(workdir).outcomes(run_id), ".jsonl")):
-        o = outcome_from_json(line)
-        out[o.uri] = dataclasses.asdict(o)
-    return out
-
-
-def _write_dead(workdir: str, run_id: str, items: Sequence[MediaItem], part: str, stage: str, error_type: str,
-                message: str) -> None:
-    """Dead-letter rows written by the job itself (for items the DAG never saw or lost)."""
-    write_deadletters(workdir, run_id, part, [dict(uri=i.uri, etag=i.etag, stage=stage, error_type=error_type,
-                                                   message=message) for i in items])
-
-
-def _write_lost(workdir: str, run_id: str, lost: list[MediaItem]) -> None:
-    """Items with neither an outcome nor a dead letter still get a dead-letter row."""
-    _write_dead(workdir, run_id, lost, "lost", "pipeline", "NoOutcome", "the DAG finished without an outcome for this item")
-
-
-def _count_rows(workdir: str, run_id: str) -> int:
-    return count_parquet_rows(list_parts(Workdir(workdir).embeddings(run_id), ".parquet"))
-
-
-# ---------------------------------------------------------------- index versions
 
 
 def _encoder_files(encoder, cfg: RunConfig, tmpdir: str) -> dict[str, str]:
@@ -393,8 +326,9 @@ def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool =
     targets = []
     if in_workdir:
         targets.append(lambda: storage.write_bytes(Workdir(req.workdir).summary(summary.run_id), data))
-    if req.summary_out:
-        targets.append(lambda: storage.write_bytes(req.summary_out, data))
+    summary_out = req.summary_out
+    if summary_out:
+        targets.append(lambda: storage.write_bytes(summary_out, data))
     for write in targets:
         try:
             write()
@@ -417,102 +351,118 @@ def _write_report(workdir: str, run_id: str) -> None:
 
 
 def _run_locked(req: RunRequest, summary: RunSummary, lease: Lease, echo: Callable[[str], None]) -> None:
-    cfg = req.config
-    run_id = summary.run_id
+    """Plan, run the DAG, commit the ledger, publish (the commit order of the module docstring)."""
+    _write_run_config(req, summary)
+    encoder = load_encoder(req.config.encoder)
+    summary.model_id = encoder.model_id
+    index_root = Workdir(req.workdir).index_root(req.index_name)
+    _reconcile_published(req.workdir, index_root)
+    work = _plan(req, summary, encoder.model_id, echo)
+    entries = _carried_over(work)
+    run_outcomes.dead_letter_refused(req.workdir, summary, work.unnamed, work.links, work.refused, encoder.model_id,
+                                     entries)
+    if work.todo:
+        run_dag(req, summary.run_id, work.todo, encoder.dim, encoder.bits)
+        _crash_point("after_dag")
+        run_outcomes.record_outcomes(req.workdir, summary.run_id, work.todo, encoder.model_id, summary, entries)
+        summary.rows_written = run_outcomes.count_rows(req.workdir, summary.run_id)
+    if summary.failed:
+        summary.deadletters = Workdir(req.workdir).deadletter(summary.run_id)
+
+    lease.confirm()
+    snapshot = write_ledger(req.workdir, summary.run_id, entries.values())
+    _crash_point("after_ledger")
+
+    if _publish_wanted(req, summary, work, entries, encoder.model_id, index_root):
+        summary.completes_run = work.pending_run
+        _build_and_publish(req, summary, lease, encoder, index_root, snapshot, work.ledger, entries, echo)
+
+
+@dataclasses.dataclass
+class _Work:
+    """What one run does, planned from the listing and the committed ledger."""
+
+    ledger: dict[str, LedgerEntry]  # the committed state before this run
+    pending_run: str | None  # an earlier run whose committed changes were not yet published
+    unpublished: bool
+    todo: list[MediaItem]  # to decode, encode and write
+    unchanged: list[LedgerEntry]
+    deleted: list[LedgerEntry]
+    unnamed: list[MediaItem]  # refused at stage list: names that are not UTF-8
+    links: list[MediaItem]  # refused at stage list by the listing (links leading out, ...)
+    refused: dict[str, tuple[str, str]]  # uri -> (error_type, reason) of ``links``
+
+    @property
+    def processed(self) -> int:
+        return len(self.todo) + len(self.unnamed) + len(self.links)
+
+
+def _write_run_config(req: RunRequest, summary: RunSummary) -> None:
+    """runs/RUN_ID/config.json: the resolved config beside the run's outputs."""
     sel = req.selection
-    storage.write_bytes(Workdir(req.workdir).run_config(run_id), json.dumps(
+    storage.write_bytes(Workdir(req.workdir).run_config(summary.run_id), json.dumps(
         {"source": req.source, "workdir": req.workdir, "index_name": req.index_name, "runner": req.runner,
          "beam_args": list(req.beam_args), "full": req.full, "retry_failed": req.retry_failed,
          "selection": {"prefix": sel.prefix, "since": summary.since, "until": summary.until},
-         "lease": dataclasses.asdict(req.lease), **cfg.to_dict()}, indent=2, default=str).encode())
+         "lease": dataclasses.asdict(req.lease), **req.config.to_dict()}, indent=2, default=str).encode())
 
-    encoder = load_encoder(cfg.encoder)
-    summary.model_id = encoder.model_id
-    listing = list_selection(req.source, cfg.source, sel)
-    index_root = Workdir(req.workdir).index_root(req.index_name)
-    _reconcile_published(req.workdir, index_root)
+
+def _plan(req: RunRequest, summary: RunSummary, model_id: str, echo: Callable[[str], None]) -> _Work:
+    """List the source, diff it with the committed ledger, and count what the run will do."""
+    listing = list_selection(req.source, req.config.source, req.selection)
     ledger = read_ledger(req.workdir)
     current = ledger_snapshot_name(req.workdir)
     unpublished = current != published_snapshot_name(req.workdir)
     pending_run = current.removeprefix("ledger-").removesuffix(".parquet") if unpublished and current else None
     items, listed, bad_names = split_unrepresentable(listing.items, listing.listed)
-    todo, unchanged, deleted = plan_work(items, ledger, encoder.model_id, req.full, req.retry_failed,
+    todo, unchanged, deleted = plan_work(items, ledger, model_id, req.full, req.retry_failed,
                                          listed=listed, in_scope=lambda uri: uri.startswith(listing.scope))
-    unnamed = [i for i in todo if i.uri in bad_names]
-    todo = [i for i in todo if i.uri not in bad_names]
+    work = _Work(
+        ledger=ledger, pending_run=pending_run, unpublished=unpublished,
+        todo=[i for i in todo if i.uri not in bad_names and i.uri not in listing.refused],
+        unchanged=unchanged, deleted=deleted,
+        unnamed=[i for i in todo if i.uri in bad_names],
+        links=[i for i in todo if i.uri in listing.refused and i.uri not in bad_names],
+        refused=dict(listing.refused),
+    )
     summary.inputs_total = len(listing.items)
     summary.unchanged = len(unchanged)
     summary.deleted = len(deleted)
     summary.skipped_by_range = listing.skipped_by_range
     outside = f", {listing.skipped_by_range} outside the time range" if listing.skipped_by_range else ""
-    echo(f"run {run_id}: {len(listing.items)} inputs, {len(todo)} to process, {len(unchanged)} unchanged, "
-         f"{len(deleted)} deleted{outside}")
+    echo(f"run {summary.run_id}: {len(listing.items)} inputs, {len(work.todo)} to process, {len(unchanged)} "
+         f"unchanged, {len(deleted)} deleted{outside}")
+    return work
 
-    # entries this run does not look at (outside the prefix or the time range) carry over
-    new_entries: dict[str, LedgerEntry] = {u: e for u, e in ledger.items() if e.state != "deleted"}
-    new_entries.update({e.uri: e for e in unchanged})
-    new_entries.update({e.uri: e for e in deleted})
-    if unnamed:
-        _write_dead(req.workdir, run_id, unnamed, "names", "list", "UnrepresentableNameError",
-                    "file name is not valid UTF-8 (bad bytes shown as \\xNN); rename it")
-        for item in unnamed:
-            summary.failed += 1
-            summary.failed_by_stage["list"] = summary.failed_by_stage.get("list", 0) + 1
-            new_entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "failed", 0,
-                                                encoder.model_id, run_id)
-    if todo:
-        run_dag(req, run_id, todo, encoder.dim, encoder.bits)
-        _crash_point("after_dag")
-        _record_outcomes(req.workdir, run_id, todo, encoder.model_id, summary, new_entries)
-        summary.rows_written = _count_rows(req.workdir, run_id)
-    if summary.failed:
-        summary.deadletters = Workdir(req.workdir).deadletter(run_id)
 
-    lease.confirm()
-    snapshot = write_ledger(req.workdir, run_id, new_entries.values())
-    _crash_point("after_ledger")
+def _carried_over(work: _Work) -> dict[str, LedgerEntry]:
+    """The new ledger before the DAG: entries this run does not look at (outside the
+    prefix or the time range) carry over; unchanged and deleted ones are recorded."""
+    entries: dict[str, LedgerEntry] = {u: e for u, e in work.ledger.items() if e.state != "deleted"}
+    entries.update({e.uri: e for e in work.unchanged})
+    entries.update({e.uri: e for e in work.deleted})
+    return entries
 
-    processed = len(todo) + len(unnamed)
+
+def _publish_wanted(req: RunRequest, summary: RunSummary, work: _Work, entries: dict[str, LedgerEntry],
+                    model_id: str, index_root: str) -> bool:
+    """Whether the committed ledger calls for a new version; when not, the summary says why."""
     latest = mf.read_latest(index_root)
-    changed = unpublished or latest is None or live_keys(ledger.values()) != live_keys(new_entries.values())
-    other_model = sum(1 for e in new_entries.values() if e.state == "indexed" and e.model_id != encoder.model_id)
+    changed = work.unpublished or latest is None or live_keys(work.ledger.values()) != live_keys(entries.values())
+    other_model = sum(1 for e in entries.values() if e.state == "indexed" and e.model_id != model_id)
     summary.index_version = latest
-    if processed > 0 and summary.failed / processed > cfg.run.max_error_fraction:
+    max_error_fraction = req.config.run.max_error_fraction
+    if work.processed > 0 and summary.failed / work.processed > max_error_fraction:
         summary.exit_code = EXIT_TOO_MANY_FAILURES
-        summary.index_note = (f"not published: {summary.failed}/{processed} items failed, over "
-                              f"max_error_fraction {cfg.run.max_error_fraction}")
+        summary.index_note = (f"not published: {summary.failed}/{work.processed} items failed, over "
+                              f"max_error_fraction {max_error_fraction}")
     elif not changed:
         summary.index_note = "nothing changed: LATEST stays"
-    elif not any(e.state == "indexed" for e in new_entries.values()):
+    elif not any(e.state == "indexed" for e in entries.values()):
         summary.index_note = "no indexed items: no version built"
     elif other_model:
         summary.index_note = (f"not published: {other_model} indexed inputs were embedded with another model than "
-                              f"{encoder.model_id}; a run over them (without --prefix/--since/--until) re-embeds them")
+                              f"{model_id}; a run over them (without --prefix/--since/--until) re-embeds them")
     else:
-        summary.completes_run = pending_run
-        _build_and_publish(req, summary, lease, encoder, index_root, snapshot, ledger, new_entries, echo)
-
-
-def _record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,
-                     entries: dict[str, LedgerEntry]) -> None:
-    """Turn the DAG's outcomes and dead letters into ledger entries and summary counts."""
-    dead = read_deadletters(workdir, run_id)
-    outcomes = _outcomes(workdir, run_id)
-    dead_uris: dict[str, str] = {}
-    for d in dead:
-        dead_uris.setdefault(d["uri"], d["stage"])
-    lost = [i for i in todo if i.uri not in outcomes and i.uri not in dead_uris]
-    if lost:
-        _write_lost(workdir, run_id, lost)
-        dead_uris.update({i.uri: "pipeline" for i in lost})
-    for item in todo:
-        if item.uri in dead_uris:
-            stage = dead_uris[item.uri]
-            summary.failed += 1
-            summary.failed_by_stage[stage] = summary.failed_by_stage.get(stage, 0) + 1
-            entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "failed", 0, model_id, run_id)
-        else:
-            n = outcomes[item.uri]["segments"]
-            summary.indexed += 1
-            summary.segments += n
-            entries[item.uri] = LedgerEntry(item.uri, item.etag, item.size, item.mtime, "indexed", n, model_id, run_id)
+        return True
+    return False

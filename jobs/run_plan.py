@@ -116,12 +116,13 @@ def plan_work(items: Sequence[MediaItem], ledger: dict[str, LedgerEntry], model_
     already deleted) that are in scope (``in_scope(uri)``, default all) but not among
     ``listed`` (default: the items' uris).
     """
-    todo, unchanged = [], []
+    todo: list[MediaItem] = []
+    unchanged: list[LedgerEntry] = []
     for item in items:
         prev = ledger.get(item.uri)
-        same = prev is not None and prev.etag == item.etag and prev.size == item.size and prev.state != "deleted"
-        if not full and same and (prev.state == "failed" and not retry_failed or
-                                  prev.state == "indexed" and prev.model_id == model_id):
+        if prev is None or full or (prev.etag, prev.size) != (item.etag, item.size) or prev.state == "deleted":
+            todo.append(item)
+        elif (prev.state == "failed" and not retry_failed) or (prev.state == "indexed" and prev.model_id == model_id):
             unchanged.append(prev)
         else:
             todo.append(item)

@@ -168,14 +168,14 @@ def _fill(batches: Callable[[], Iterator[pa.RecordBatch]], scan: Scan, shard_of:
         shards_here = np.unique(sub_shard)
         for s in shards_here:
             builder = builders[int(s)]
-            if assigning and id(builder) not in only:
+            if assigning and only is not None and id(builder) not in only:
                 continue
             if len(shards_here) == 1:  # the usual case: the whole batch, no copies
                 builder.add(sub_ids, x, codes, id_map)
                 continue
             sel = np.nonzero(sub_shard == s)[0]
-            builder.add(sub_ids[sel], x[sel], None if assigning else codes[sel],
-                        None if assigning else id_map.take(pa.array(sel)))
+            builder.add(sub_ids[sel], x[sel], None if codes is None else codes[sel],
+                        None if id_map is None else id_map.take(pa.array(sel)))
         added += len(rows)
         progress(stage, added, len(scan.unique_ids))
     release_arrow_memory()
@@ -280,7 +280,7 @@ def build_version(
             shutil.copyfile(path, copy)
             files.append(mf.FileEntry.of_local(copy, name))
             local[name] = copy
-        largest = max(scan.modalities, key=lambda m: sum(r.ntotal for r in results if r.plan.modality == m))
+        biggest = max(scan.modalities, key=lambda m: sum(r.ntotal for r in results if r.plan.modality == m))
         search_params: dict[str, int] = {}
         for shard in shards:
             for name, value in shard.search_params.items():
@@ -296,7 +296,7 @@ def build_version(
             dim=dim,
             bits=bits,
             metric=config.metric,
-            index_factory={"float": templates[largest].float_factory, "binary": templates[largest].binary_factory},
+            index_factory={"float": templates[biggest].float_factory, "binary": templates[biggest].binary_factory},
             shards=tuple(shards),
             id_maps=tuple(id_maps),
             files=tuple(files),

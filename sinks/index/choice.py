@@ -243,7 +243,10 @@ def choose_index(n: int, dim: int, bits: int, *, memory_budget_bytes: int, recal
     b_per_vector, b_fixed = b_size if b_size is not None else (bits // 8 + ID_BYTES, 0)
     smallest: tuple[int, str] | None = None
     for factory, why in _float_candidates(n, dim, recall_target, train_rows):
-        f_per_vector, f_fixed = float_bytes(factory, dim)  # every candidate has a known form
+        form = float_bytes(factory, dim)
+        if form is None:  # every candidate has a known form; an unknown one cannot be sized
+            continue
+        f_per_vector, f_fixed = form
         per_vector, fixed = f_per_vector + b_per_vector, f_fixed + b_fixed
         need = _total(per_vector, fixed, total, shards)
         if smallest is None or need < smallest[0]:
@@ -253,6 +256,8 @@ def choose_index(n: int, dim: int, bits: int, *, memory_budget_bytes: int, recal
                               f"for {total} vectors in {shards} shards)")
             return IndexChoice(factory, binary_factory, per_vector, fixed, need, memory_budget_bytes,
                                "; ".join(reasons))
+    if smallest is None:
+        raise IndexChoiceError(f"no float index candidate for {total} vectors of dim {dim}")
     need, factory = smallest
     raise IndexChoiceError(f"no index fits memory_budget_bytes = {memory_budget_bytes} for {total} vectors of "
                            f"dim {dim} in {shards} shards: the smallest, {factory!r}, needs {need} bytes")

@@ -50,11 +50,13 @@ def group_shards(plans: list[ShardPlan], choices: Mapping[str, IndexChoice], con
             return None
         return c.bytes_per_vector * plan.count + c.bytes_per_shard
 
-    sizes = [size(p) for p in plans]
-    if any(s is None for s in sizes):
+    estimated = [size(p) for p in plans]
+    sizes: list[float]
+    if any(s is None for s in estimated):
         sizes = [float(p.count) for p in plans]
         budget = float(max(config.max_shard_vectors, max(p.count for p in plans)))
     else:
+        sizes = [float(s) for s in estimated if s is not None]
         budget = float(config.memory_budget_bytes)
     groups: list[list[int]] = [[]]
     total = 0.0

@@ -47,7 +47,8 @@ def shares(modality_exact: np.ndarray, shard_exact: np.ndarray) -> list[np.ndarr
     return [g[np.isin(g, s[s >= 0]) & (g >= 0)] for g, s in zip(modality_exact, shard_exact)]
 
 
-def float_recall_of(index: Any, queries: np.ndarray, exact_ids: np.ndarray, vectors: StoredVectors | None,
+def float_recall_of(index: Any, queries: np.ndarray, exact_ids: np.ndarray | list[np.ndarray],
+                    vectors: StoredVectors | None,
                   params: Mapping[str, int]) -> float:
     rerank = int(params.get(RERANK_PARAM, 0))
     if rerank > 1 and vectors is not None:
@@ -79,8 +80,9 @@ def version_metrics(results: list[ShardResult], scan: Scan, queries: dict[str, t
     by_modality: dict[str, dict[str, list[tuple[float, int]]]] = {"float": {}, "binary": {}}
     for r in results:
         for kind in ("float", "binary"):
-            if r.recall[kind] is not None:
-                by_modality[kind].setdefault(r.plan.modality, []).append((r.recall[kind], r.weight[kind]))
+            recall = r.recall[kind]
+            if recall is not None:
+                by_modality[kind].setdefault(r.plan.modality, []).append((recall, r.weight[kind]))
 
     def mean(pairs: list[tuple[float, int]]) -> float:
         total = sum(w for _, w in pairs)

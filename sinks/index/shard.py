@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -60,15 +60,17 @@ class ShardBuilder:
                  pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self.plan = plan
         self.templates = templates
-        self.float_index = faiss.clone_index(templates.float_index)
+        # faiss SWIG objects; set to None once written
+        self.float_index: Any = faiss.clone_index(templates.float_index)
         # clone_binary_index cannot copy every binary index type: round-trip through bytes instead.
-        self.binary_index = faiss.deserialize_index_binary(faiss.serialize_index_binary(templates.binary_index))
+        self.binary_index: Any = faiss.deserialize_index_binary(faiss.serialize_index_binary(templates.binary_index))
         self.query_x, self.query_codes = queries
         nq = len(self.query_x)
-        self.exact = faiss.ResultHeap(nq, RECALL_K, keep_max=True) if nq else None
-        self.exact_hamming = faiss.ResultHeap(nq, RECALL_K, keep_max=False) if nq else None
+        # exact top-10 of the recall queries (faiss ResultHeaps; None without queries)
+        self.exact: Any = faiss.ResultHeap(nq, RECALL_K, keep_max=True) if nq else None
+        self.exact_hamming: Any = faiss.ResultHeap(nq, RECALL_K, keep_max=False) if nq else None
         self.exact_final = False
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.pending_rows = 0
         self.rows_seen = 0
         self.id_maps: list[pa.Table] = []
@@ -80,7 +82,7 @@ class ShardBuilder:
         # allocated at their final sizes (appending grows them up to 2x) and the add
         # pass reuses the assignments instead of searching the quantizer again.
         inner = faiss.downcast_index(self.float_index)
-        self.ivf = inner if isinstance(inner, faiss.IndexIVF) and isinstance(
+        self.ivf: Any = inner if isinstance(inner, faiss.IndexIVF) and inner.invlists is not None and isinstance(
             faiss.downcast_InvertedLists(inner.invlists), faiss.ArrayInvertedLists) else None
         self.assigning = False
         self.assign_parts: list[np.ndarray] = []
@@ -113,8 +115,9 @@ class ShardBuilder:
             invlists.resize(list_no, int(counts[list_no]))  # allocates the final size ...
             invlists.resize(list_no, 0)  # ... and keeps it as capacity
 
-    def add(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray, id_map: pa.Table | None) -> None:
-        if not self.assigning:
+    def add(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray | None, id_map: pa.Table | None) -> None:
+        """Buffer rows (codes and id map are None in the assignment pass)."""
+        if not self.assigning and id_map is not None:
             rows = pa.array(np.arange(self.rows_seen, self.rows_seen + len(ids), dtype=np.int64))
             self.id_maps.append(id_map.append_column(mf.VECTOR_ROW_COLUMN, rows))
             self.rows_seen += len(ids)
@@ -139,11 +142,13 @@ class ShardBuilder:
             future, self.future = self.future, None
             future.result()
 
-    def _add_chunk(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray) -> None:
+    def _add_chunk(self, ids: np.ndarray, x: np.ndarray, codes: np.ndarray | None) -> None:
         faiss.omp_set_num_threads(self.omp_threads)  # per worker thread: shards share the cores
         if self.assigning:
             self.assign_parts.append(self.ivf.quantizer.assign(x, 1).ravel())
             return
+        if codes is None:
+            raise IndexBuildError(f"shard {self.plan.stem}: rows arrived without hash codes")
         if self.assign is not None:
             lists = np.ascontiguousarray(self.assign[self.assign_at:self.assign_at + len(ids)])
             self.assign_at += len(ids)
@@ -157,8 +162,8 @@ class ShardBuilder:
             k = min(RECALL_K, len(ids))
             dist, pos = faiss.knn(self.query_x, x, k, metric=faiss.METRIC_INNER_PRODUCT)
             self.exact.add_result(dist, ids[pos])
-            dist, pos = faiss.knn_hamming(self.query_codes, codes, k)
-            self.exact_hamming.add_result(dist.astype(np.float32), ids[pos])
+            hamming, hpos = faiss.knn_hamming(self.query_codes, codes, k)
+            self.exact_hamming.add_result(hamming.astype(np.float32), ids[hpos])
 
     def abort(self) -> None:
         try:

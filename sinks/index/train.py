@@ -56,8 +56,9 @@ def _needed_training_rows(index: Any, kind: str) -> int:
         return int(getattr(index, "nlist", 1))
     ivf = faiss.try_extract_index_ivf(index)
     need = int(ivf.nlist) if ivf is not None else 1
-    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
-        need = max(need, 1 << int(faiss.downcast_index(ivf).pq.nbits))
+    inner = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(inner, faiss.IndexIVFPQ):
+        need = max(need, 1 << int(inner.pq.nbits))
     return need
 
 

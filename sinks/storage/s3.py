@@ -378,7 +378,7 @@ class _ObjectReader(io.RawIOBase):
         return n
 
     def readall(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             chunk = self.read(_READ_CHUNK_BYTES)
             if not chunk:
