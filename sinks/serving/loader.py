@@ -96,6 +96,14 @@ def sealed_manifest(index_root: str, version: str | None = None,
         digest, signature = seal.read_seal(index_root, version)
         where = f"{version}/SEAL"
     data = mf.read_manifest_data(index_root, version)
+    return check_sealed_manifest(data, index_root, version, digest, signature, where), digest
+
+
+def check_sealed_manifest(data: bytes, index_root: str, version: str, digest: str, signature: str | None,
+                          where: str) -> mf.Manifest:
+    """The manifest in ``data`` (the bytes of ``version``'s manifest.json) when its sha256
+    is ``digest``, its HMAC ``signature`` is valid under the node's key (when one is set)
+    and it passes the schema; ``where`` names the record the digest came from."""
     actual = seal.manifest_digest(data)
     if actual != digest:
         raise ChecksumMismatchError(f"version {version}: manifest.json has sha256 {actual}, {where} says {digest}; "
@@ -105,7 +113,7 @@ def sealed_manifest(index_root: str, version: str | None = None,
         state = "no" if signature is None else "a wrong"
         raise IndexVersionError(f"version {version}: {where} carries {state} hmac-sha256 signature and "
                                 f"{seal.SIGNING_KEY_ENV} is set on this node; refusing to serve it")
-    return mf.parse_manifest(data, index_root, version), digest
+    return mf.parse_manifest(data, index_root, version)
 
 
 # ---------------------------------------------------------------- stored vectors and re-ranking
