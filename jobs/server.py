@@ -57,6 +57,7 @@ from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionEr
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
+VERSIONS_TTL_S = 2.0  # GET /versions lists the index store at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,8 @@ class QueryServer:
         self.metrics = ServeMetrics(self.ROUTES, handle.status, lambda: self._httpd.connections,
                                     lambda: (self.media.in_flight, self.media.rejected, self.media.killed))
         self._openapi: bytes | None = None
+        self._versions_lock = threading.Lock()
+        self._versions_listing: tuple[float, tuple[list[str], str | None] | None] = (0.0, None)
         self._core_lock = threading.Lock()
         self._core: tuple[Served, QueryIndex] | None = None  # the query core over the served version
         self._thread: threading.Thread | None = None
@@ -189,13 +192,19 @@ class QueryServer:
                      "modalities": list(st.modalities), "loaded_at": st.loaded_at, **body}
 
     def versions(self) -> tuple[int, dict[str, Any]]:
-        """The complete versions of the served index, the served one marked ``current``."""
+        """The complete versions of the served index, the served one marked ``current`` (the store is
+        listed at most once per VERSIONS_TTL_S, however often clients ask)."""
         st = self.handle.status()
-        try:
-            names = mf.list_versions(st.index_root)
-            latest = mf.read_latest(st.index_root)
-        except SinkError as err:
-            raise RequestError(503, f"cannot list the versions of {st.index_root}: {err}".splitlines()[0]) from err
+        with self._versions_lock:
+            listed_at, listing = self._versions_listing
+            if listing is None or time.monotonic() - listed_at > VERSIONS_TTL_S:
+                try:
+                    listing = (mf.list_versions(st.index_root), mf.read_latest(st.index_root))
+                except SinkError as err:
+                    raise RequestError(503, f"cannot list the versions of {st.index_root}: "
+                                            f"{err}".splitlines()[0]) from err
+                self._versions_listing = (time.monotonic(), listing)
+        names, latest = listing
         entries = []
         for name in names:
             entry: dict[str, Any] = {"version": name, "current": name == st.version, "latest": name == latest}

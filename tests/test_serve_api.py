@@ -18,6 +18,7 @@ from xmodal_index.jobs.cli import cli
 from xmodal_index.jobs.query_support import prepare_encoder
 from xmodal_index.jobs.server import QueryServer, ServerConfig
 from xmodal_index.pipeline.sample_archive import build_sample_archive
+from xmodal_index.query.fusion import FUSIONS
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
 CONFIG = '[decode]\nsegment_s = 1.0\n[encoder]\ncheckpoint = ""\nseed = {seed}\n'
@@ -117,7 +118,7 @@ def test_k_per_modality_groups_hits_by_stream(server):
 
 @pytest.mark.parametrize("extra, needle", [({"k_per_modality": 0}, "k_per_modality"),
                                            ({"k_per_modality": 21}, "[1, 20]"),
-                                           ({"fusion": "max"}, "calibrated, rrf, zscore, score")])
+                                           ({"fusion": "max"}, ", ".join(FUSIONS))])
 def test_bad_grouping_options_get_422(server, extra, needle):
     status, body = query(server, {"text": "seven", **extra})
     assert status == 422 and needle in body["error"]
