@@ -2,7 +2,11 @@
 
 Every other module reads and writes through these functions, so the DAG, the index
 build and the query-node loader work the same on a laptop and on object storage.
-The s3:// side lives in ``s3.py`` (settings: :class:`S3Config`, :func:`configure_s3`).
+The s3:// side lives in ``s3.py`` (its settings, client and error mapping in
+``s3_config.py``: :class:`S3Config`, :func:`configure_s3`). Compare-and-swap writes
+of one object (``read_versioned``, ``create_if_absent``, ``replace_if_match``,
+``delete_if_match``) are in ``conditional.py``; the workdir lease built on them in
+``lease.py``. This package must not import apache_beam, click or torch.
 
 Semantics shared by both backends:
 
