@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from xmodal_index.jobs.report_failures import (
     FailureGroup,
     FailureTally,
@@ -95,7 +96,8 @@ class ReportData:
         if not all(isinstance(s.get(k), int) for k in keys):
             return False, "the run wrote no complete summary: the counts are unknown"
         total, parts = s["inputs_total"], s["indexed"] + s["unchanged"] + s["failed"]
-        text = f"inputs {total} {'==' if total == parts else '!='} indexed {s['indexed']} + unchanged {s['unchanged']} + failed {s['failed']}"
+        op = "==" if total == parts else "!="
+        text = f"inputs {total} {op} indexed {s['indexed']} + unchanged {s['unchanged']} + failed {s['failed']}"
         return total == parts, text
 
     @property
@@ -202,9 +204,17 @@ def _version_info(manifest: mf.Manifest, summary: dict[str, Any]) -> VersionInfo
             if shard.kind == "float":
                 by_modality[shard.modality] = by_modality.get(shard.modality, 0) + shard.ntotal
     published = bool(summary.get("index_published")) and summary.get("index_version") == manifest.version
-    return VersionInfo(manifest.version, published, dict(recall) if isinstance(recall, dict) else {"float": recall},
-                       dict(manifest.index_factory), manifest.ntotal, by_modality,
-                       sum(f.bytes for f in manifest.all_files()), manifest.created_at, manifest.parent_version)
+    return VersionInfo(
+        manifest.version,
+        published,
+        dict(recall) if isinstance(recall, dict) else {"float": recall},
+        dict(manifest.index_factory),
+        manifest.ntotal,
+        by_modality,
+        sum(f.bytes for f in manifest.all_files()),
+        manifest.created_at,
+        manifest.parent_version,
+    )
 
 
 def _mtime(uri: str) -> float | None:
@@ -214,18 +224,22 @@ def _mtime(uri: str) -> float | None:
         return None
 
 
-def _phases(workdir: Workdir, run_id: str, summary: dict[str, Any], dag_end: float | None, version_mtime: float | None) -> list[Phase]:
+def _phases(
+    workdir: Workdir, run_id: str, summary: dict[str, Any], dag_end: float | None, version_mtime: float | None
+) -> list[Phase]:
     """Run phases from when the run's files were written: planning (until the work list),
     the Beam DAG (until its last part file), the ledger commit, the index version, the rest."""
     start = _epoch(summary.get("started_at"))
     if start is None:
         return []
     end = start + float(summary.get("wall_s") or 0.0)
-    marks = [("list + plan", _mtime(workdir.worklist(run_id))),
-             ("decode + encode + write (Beam)", dag_end),
-             ("ledger commit", _mtime(storage.join(workdir.ledger, f"ledger-{run_id}.parquet"))),
-             ("index build + upload", version_mtime),
-             ("publish + summary", end if summary.get("wall_s") else None)]
+    marks = [
+        ("list + plan", _mtime(workdir.worklist(run_id))),
+        ("decode + encode + write (Beam)", dag_end),
+        ("ledger commit", _mtime(storage.join(workdir.ledger, f"ledger-{run_id}.parquet"))),
+        ("index build + upload", version_mtime),
+        ("publish + summary", end if summary.get("wall_s") else None),
+    ]
     phases, t = [], start
     for name, mark in marks:
         if mark is None or mark < t:
@@ -249,11 +263,18 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     timeline = Timeline()
     outcome_parts = _parts(wd.outcomes(run_id), ".jsonl")
     for o in _jsonl(outcome_parts):
-        timeline.add(float(o.get("finished_at") or 0.0), True, kind_of(o["uri"]) or "?", float(o.get("media_s") or 0.0),
-                     float(o.get("decode_s") or 0.0))
+        timeline.add(
+            float(o.get("finished_at") or 0.0),
+            True,
+            kind_of(o["uri"]) or "?",
+            float(o.get("media_s") or 0.0),
+            float(o.get("decode_s") or 0.0),
+        )
     if timeline.untimed:
-        notes.append(f"{timeline.untimed} outcomes of this run record no finish time (written before outcomes did): "
-                     "they are missing from the throughput plot")
+        notes.append(
+            f"{timeline.untimed} outcomes of this run record no finish time (written before outcomes did): "
+            "they are missing from the throughput plot"
+        )
 
     dead_parts = _parts(wd.deadletter(run_id), ".parquet")
     tally = FailureTally()
@@ -282,7 +303,11 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     part_times = [o.mtime for o in outcome_parts + dead_parts + emb_parts]
     local_config = None if storage.is_s3(wd.uri) else storage.join(wd.run_dir(run_id), JOB_CONFIG_NAME)
     return ReportData(
-        run_id=run_id, workdir=wd.uri, summary=summary, config=config, timeline=timeline,
+        run_id=run_id,
+        workdir=wd.uri,
+        summary=summary,
+        config=config,
+        timeline=timeline,
         failures=tally.groups(),
         failures_by_container=by_count(tally.by_container),
         failures_by_codec=by_count(tally.by_codec),
@@ -295,7 +320,9 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     )
 
 
-def write_report(workdir: str, run_id: str | None = None, *, samples: bool | None = None, out: str | None = None) -> str:
+def write_report(
+    workdir: str, run_id: str | None = None, *, samples: bool | None = None, out: str | None = None
+) -> str:
     """Gather, render and write the report of one run (the newest by default) to
     ``runs/RUN_ID/report.html`` (or ``out``), with the run's job config beside it
     for the --retry-failed command; returns where the report went. ``samples``:
@@ -306,13 +333,17 @@ def write_report(workdir: str, run_id: str | None = None, *, samples: bool | Non
 
     data = gather(workdir, run_id)
     if samples is None and data.version is not None and data.version.bytes_total > SAMPLES_AUTO_MAX_BYTES:
-        data.samples_note = (f"{data.version.version} is {data.version.bytes_total} bytes: no sample queries at the end "
-                             f"of the run; `xmodal-index report --workdir WORKDIR --run {data.run_id}` adds them")
+        data.samples_note = (
+            f"{data.version.version} is {data.version.bytes_total} bytes: no sample queries at the end "
+            f"of the run; `xmodal-index report --workdir WORKDIR --run {data.run_id}` adds them"
+        )
     elif samples is not False:
         add_samples(data)
     run_dir = Workdir(data.workdir).run_dir(data.run_id)
     if data.retry_command and job_config(data.config):
-        storage.write_bytes(storage.join(run_dir, JOB_CONFIG_NAME), json.dumps(job_config(data.config), indent=2).encode())
+        storage.write_bytes(
+            storage.join(run_dir, JOB_CONFIG_NAME), json.dumps(job_config(data.config), indent=2).encode()
+        )
     target = out or storage.join(run_dir, REPORT_NAME)
     storage.write_bytes(target, render(data).encode("utf-8"))
     return target

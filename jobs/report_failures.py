@@ -64,10 +64,12 @@ class FailureTally:
         first = self._first.setdefault(key, [])
         if len(first) < self._examples or uri < first[-1][0]:
             bisect.insort(first, (uri, message[:MAX_MESSAGE_CHARS]))
-            del first[self._examples:]
+            del first[self._examples :]
         for counts, name in ((self.by_container, container_of(uri)), (self.by_codec, codec_of(message))):
             counts[name] = counts.get(name, 0) + 1
-        self._uris.add(int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big"))
+        self._uris.add(
+            int.from_bytes(hashlib.blake2b(uri.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+        )
 
     @property
     def distinct_uris(self) -> int:
@@ -75,7 +77,9 @@ class FailureTally:
 
     def groups(self) -> list[FailureGroup]:
         """Largest group first, then by stage and error class."""
-        out = [FailureGroup(stage, err, n, tuple(self._first[(stage, err)])) for (stage, err), n in self._counts.items()]
+        out = [
+            FailureGroup(stage, err, n, tuple(self._first[(stage, err)])) for (stage, err), n in self._counts.items()
+        ]
         return sorted(out, key=lambda g: (-g.count, g.stage, g.error_type))
 
 
@@ -102,7 +106,14 @@ def retry_command(summary: dict[str, Any], config: dict[str, Any], config_file: 
     selection; None when the run had no failures."""
     if not summary.get("failed"):
         return None
-    args = ["xmodal-index", "run", "--source", summary.get("source", "SOURCE"), "--workdir", summary.get("workdir", "WORKDIR")]
+    args = [
+        "xmodal-index",
+        "run",
+        "--source",
+        summary.get("source", "SOURCE"),
+        "--workdir",
+        summary.get("workdir", "WORKDIR"),
+    ]
     if summary.get("index_name", "main") != "main":
         args += ["--index-name", summary["index_name"]]
     if config_file:

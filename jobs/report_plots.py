@@ -6,18 +6,21 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg", force=False)
-
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # figures without pyplot: no GUI backend, no global figure state
 
 COLORS = {"video": "#4c72b0", "audio": "#dd8452", "image": "#55a868", "text": "#8172b3"}
 ACCENT = "#4c72b0"
 FAIL = "#c44e52"
-_RC = {"svg.fonttype": "path", "svg.hashsalt": "xmodal-index-report", "font.size": 9,
-       "axes.spines.top": False, "axes.spines.right": False}
+_RC: Any = {  # matplotlib types rcParams keys as literals
+    "svg.fonttype": "path",
+    "svg.hashsalt": "xmodal-index-report",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 def _figure(width_in: float = 6.4, height_in: float = 2.4) -> Figure:
@@ -31,8 +34,9 @@ def svg_data_uri(fig: Figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def throughput_plot(series: Sequence[tuple[float, float]], finished: Sequence[tuple[float, int]],
-                    failed: Sequence[tuple[float, int]]) -> str:
+def throughput_plot(
+    series: Sequence[tuple[float, float]], finished: Sequence[tuple[float, int]], failed: Sequence[tuple[float, int]]
+) -> str:
     """Media-seconds decoded per second over the DAG's time, with items finished (cumulative)."""
     with matplotlib.rc_context(_RC):
         fig = _figure()
@@ -46,8 +50,9 @@ def throughput_plot(series: Sequence[tuple[float, float]], finished: Sequence[tu
         ax2.spines["right"].set_visible(True)
         for points, color, label in ((finished, "#333333", "items done"), (failed, FAIL, "items failed")):
             if points:
-                ax2.step([0.0] + [t for t, _ in points], [0] + [n for _, n in points], where="pre", color=color,
-                         label=label)
+                ax2.step(
+                    [0.0] + [t for t, _ in points], [0] + [n for _, n in points], where="pre", color=color, label=label
+                )
         ax2.set_ylabel("items (cumulative)")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
@@ -63,8 +68,9 @@ def phases_plot(phases: Sequence[tuple[str, float, float]]) -> str:
         names = [p[0] for p in phases][::-1]
         ax.barh(names, [p[2] for p in phases][::-1], left=[p[1] for p in phases][::-1], color=ACCENT)
         for y, (_, start, secs) in enumerate(list(phases)[::-1]):
-            ax.annotate(f"{secs:.2f} s", (start + secs, y), xytext=(4, 0), textcoords="offset points", va="center",
-                        fontsize=8)
+            ax.annotate(
+                f"{secs:.2f} s", (start + secs, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8
+            )
         ax.set_xlabel("seconds since the run started")
         ax.margins(x=0.15)
         return svg_data_uri(fig)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.workdir import Workdir
@@ -61,8 +62,11 @@ def probe_texts(index_root: str, manifest: mf.Manifest, n: int = PROBES) -> list
             continue
         with storage.open_read(storage.join(index_root, manifest.version, shard.id_map)) as f:
             table = pq.read_table(f, columns=["segment_id", "text"])
-        rows += [(sid, t) for sid, t in zip(table.column("segment_id").to_pylist(), table.column("text").to_pylist())
-                 if t and t.strip()]
+        rows += [
+            (sid, t)
+            for sid, t in zip(table.column("segment_id").to_pylist(), table.column("text").to_pylist())
+            if t and t.strip()
+        ]
     out: list[str] = []
     for _, text in sorted(rows):
         text = " ".join(text.split())[:200]
@@ -75,7 +79,7 @@ def probe_texts(index_root: str, manifest: mf.Manifest, n: int = PROBES) -> list
 
 def run_probes(index_root: str, version: str, n: int = PROBES, k: int = HITS_PER_PROBE) -> list[ProbeResult]:
     """Embed the probes with the version's encoder and search the version (needs torch)."""
-    from xmodal_index.jobs.query_cmd import load_query_encoder
+    from xmodal_index.query.encoder import load_query_encoder
     from xmodal_index.sinks.serving.loader import IndexVersion
 
     with IndexVersion.open(index_root, version=version) as index:
@@ -86,9 +90,18 @@ def run_probes(index_root: str, version: str, n: int = PROBES, k: int = HITS_PER
         others = tuple(m for m in index.manifest.modalities if m != "text") or ("text",)
         vecs = np.ascontiguousarray(encoder.encode("text", texts).embeddings, dtype=np.float32)
         found = [index.search(vecs, k, modalities=[m]) for m in others]  # the best of each modality
-    return [ProbeResult(text, others, [SampleHit(h.uri, h.modality, float(h.start_s), float(h.end_s), float(h.score), h.text)
-                                      for per_modality in found for h in per_modality[q]])
-            for q, text in enumerate(texts)]
+    return [
+        ProbeResult(
+            text,
+            others,
+            [
+                SampleHit(h.uri, h.modality, float(h.start_s), float(h.end_s), float(h.score), h.text)
+                for per_modality in found
+                for h in per_modality[q]
+            ],
+        )
+        for q, text in enumerate(texts)
+    ]
 
 
 def add_media(result: ProbeResult) -> None:
@@ -171,7 +184,7 @@ def audio_excerpt(path: str, start_s: float, end_s: float) -> np.ndarray:
                 break
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
     offset = max(round((start_s - (first_t or 0.0)) * AUDIO_RATE_HZ), 0)
-    return samples[offset:offset + max(round((end_s - start_s) * AUDIO_RATE_HZ), 1)]
+    return samples[offset : offset + max(round((end_s - start_s) * AUDIO_RATE_HZ), 1)]
 
 
 def _wav(samples: np.ndarray) -> str:

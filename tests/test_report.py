@@ -12,11 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from xmodal_index.jobs import report as rp
-from xmodal_index.jobs import report_failures as rf
-from xmodal_index.jobs.report_html import esc, render
-from xmodal_index.jobs.report_timeline import Timeline
-from xmodal_index.sinks import storage
 
 from tests.media_factory import make_video
 from tests.run_helpers import (
@@ -27,6 +22,11 @@ from tests.run_helpers import (
     upload_tree,
     write_config,
 )
+from xmodal_index.jobs import report as rp
+from xmodal_index.jobs import report_failures as rf
+from xmodal_index.jobs.report_html import esc, render
+from xmodal_index.jobs.report_timeline import Timeline
+from xmodal_index.sinks import storage
 
 HOSTILE_DIR = "<script>alert(1)<"  # with the file below: videos/<script>alert(1)</script>.mp4
 HOSTILE = "<script>alert(1)</script>.mp4"
@@ -85,13 +85,16 @@ def test_failures_are_grouped_by_stage_error_class_and_container(done_run):
     (group,) = data.failures
     assert (group.stage, group.error_type, group.count) == ("probe", "ProbeError", 2)
     assert [uri for uri, _ in group.examples] == sorted(
-        [str(archive / "videos" / HOSTILE), str(archive / "videos" / QUOTED)])
+        [str(archive / "videos" / HOSTILE), str(archive / "videos" / QUOTED)]
+    )
     assert data.failures_by_container == {"mkv": 1, "mp4": 1}
 
 
 def test_group_failures_orders_groups_and_keeps_the_first_examples():
-    rows = [{"uri": f"s3://b/{n}.mp4", "stage": "decode", "error_type": "DecodeError", "message": f"m{n}"}
-            for n in (5, 1, 4, 2)]
+    rows = [
+        {"uri": f"s3://b/{n}.mp4", "stage": "decode", "error_type": "DecodeError", "message": f"m{n}"}
+        for n in (5, 1, 4, 2)
+    ]
     rows.append({"uri": "s3://b/x.wav", "stage": "probe", "error_type": "ProbeError", "message": "bad"})
     groups = rf.group_failures(rows, examples=3)
     assert [(g.stage, g.count) for g in groups] == [("decode", 4), ("probe", 1)]
@@ -125,11 +128,11 @@ def test_hostile_file_names_are_escaped_in_text_and_attributes(done_run):
     parsed.feed(page)
     assert "script" not in parsed.tags
     assert not any(name.startswith("on") for name, _ in parsed.attrs)
-    assert 'bad&quot; onmouseover=&quot;alert(2).mkv' in page
+    assert "bad&quot; onmouseover=&quot;alert(2).mkv" in page
 
 
 def test_esc_shows_control_characters_and_quotes_inert():
-    assert esc('a"b\'<c>&\x1b[31m\u202e') == "a&quot;b&#x27;&lt;c&gt;&amp;\\x1b[31m\\u202e"
+    assert esc("a\"b'<c>&\x1b[31m\u202e") == "a&quot;b&#x27;&lt;c&gt;&amp;\\x1b[31m\\u202e"
 
 
 def test_the_page_loads_nothing_from_the_network(done_run):
@@ -148,7 +151,9 @@ def test_outcomes_record_each_items_finish_time_media_and_decoder_seconds(done_r
     outcomes = {os.path.basename(o["uri"]): o for part in parts for o in map(json.loads, part.read_text().splitlines())}
     assert len(outcomes) == summary["indexed"]
     started = datetime.datetime.fromisoformat(summary["started_at"]).timestamp()
-    assert all(started < o["finished_at"] <= started + summary["wall_s"] and o["decode_s"] > 0 for o in outcomes.values())
+    assert all(
+        started < o["finished_at"] <= started + summary["wall_s"] and o["decode_s"] > 0 for o in outcomes.values()
+    )
     assert outcomes["long.mp4"]["media_s"] == pytest.approx(3.0, abs=0.3)
     assert outcomes["tone0.wav"]["media_s"] > 0 and outcomes["img0.png"]["media_s"] == 0.0
 
@@ -186,8 +191,9 @@ def test_outcomes_written_before_item_times_still_report(done_run, tmp_path):
     shutil.copytree(workdir, copy)
     for part in (copy / "runs" / summary["run_id"] / "outcomes").iterdir():
         lines = [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
-        part.write_text("".join(json.dumps({k: o[k] for k in ("uri", "etag", "size", "mtime", "segments")}) + "\n"
-                                for o in lines))
+        part.write_text(
+            "".join(json.dumps({k: o[k] for k in ("uri", "etag", "size", "mtime", "segments")}) + "\n" for o in lines)
+        )
     data = rp.gather(str(copy), summary["run_id"])
     assert data.throughput() == []
     assert any("record no finish time" in note for note in data.notes)
@@ -226,12 +232,13 @@ def test_sample_queries_show_thumbnails_and_audio(done_run):
 
 
 def test_samples_are_skipped_with_a_reason_when_the_encoder_cannot_load(done_run, monkeypatch):
-    from xmodal_index.jobs import query_cmd, report_samples
+    from xmodal_index.jobs import report_samples
+    from xmodal_index.query import encoder
 
     def no_torch(version):
         raise ModuleNotFoundError("No module named 'torch'")
 
-    monkeypatch.setattr(query_cmd, "load_query_encoder", no_torch)
+    monkeypatch.setattr(encoder, "load_query_encoder", no_torch)
     _, workdir, summary = done_run
     data = rp.gather(str(workdir), summary["run_id"])
     report_samples.add_samples(data)
@@ -281,13 +288,38 @@ def test_a_report_that_fails_never_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_retry_command_repeats_the_selection_runner_and_beam_flags():
-    summary = {"failed": 2, "source": "s3://arch/it's here", "workdir": "/w d", "index_name": "films",
-               "prefix": "2024/", "since": "2024-01-01T00:00:00+00:00", "until": None}
+    summary = {
+        "failed": 2,
+        "source": "s3://arch/it's here",
+        "workdir": "/w d",
+        "index_name": "films",
+        "prefix": "2024/",
+        "since": "2024-01-01T00:00:00+00:00",
+        "until": None,
+    }
     config = {"runner": "FlinkRunner", "beam_args": ["--parallelism=4", "--default_sdk_harness_log_level=WARNING"]}
     args = shlex.split(rf.retry_command(summary, config, "/w d/runs/R/job-config.json"))
-    assert args == ["xmodal-index", "run", "--source", "s3://arch/it's here", "--workdir", "/w d", "--index-name", "films",
-                    "--config", "/w d/runs/R/job-config.json", "--prefix", "2024/", "--since",
-                    "2024-01-01T00:00:00+00:00", "--runner", "FlinkRunner", "--retry-failed", "--", "--parallelism=4"]
+    assert args == [
+        "xmodal-index",
+        "run",
+        "--source",
+        "s3://arch/it's here",
+        "--workdir",
+        "/w d",
+        "--index-name",
+        "films",
+        "--config",
+        "/w d/runs/R/job-config.json",
+        "--prefix",
+        "2024/",
+        "--since",
+        "2024-01-01T00:00:00+00:00",
+        "--runner",
+        "FlinkRunner",
+        "--retry-failed",
+        "--",
+        "--parallelism=4",
+    ]
     assert rf.retry_command({**summary, "failed": 0}, config, None) is None
 
 
@@ -326,3 +358,25 @@ def test_a_run_on_object_storage_writes_its_report_there(s3_bucket, tmp_path, mo
     assert "invariant holds" in page and "data:image/jpeg;base64," in page
     assert f"{work}/runs/{summary['run_id']}/job-config.json" in page
     assert storage.exists(f"{work}/runs/{summary['run_id']}/job-config.json")
+
+
+def test_sample_hits_with_hostile_names_and_texts_stay_inert(done_run):
+    from xmodal_index.jobs.report_samples import ProbeResult, SampleHit
+
+    _, workdir, summary = done_run
+    data = rp.gather(str(workdir), summary["run_id"])
+    hit = SampleHit(
+        uri='s3://b/x"><script>alert(1)</script>.png',
+        modality="image",
+        start_s=0.0,
+        end_s=0.0,
+        score=0.5,
+        text="</div><img src=x onerror=alert(2)>",
+        thumbnail='data:image/jpeg;base64,"onload=x',
+    )
+    data.samples = [ProbeResult(query="<b onclick=alert(3)>nine</b>", searched=("image",), hits=[hit])]
+    parsed = _Elements()
+    parsed.feed(render(data))
+    assert "script" not in parsed.tags
+    assert not any(name.startswith("on") for name, _ in parsed.attrs)
+    assert ("title", 's3://b/x"><script>alert(1)</script>.png') in parsed.attrs  # one attribute value, as given

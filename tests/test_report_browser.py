@@ -17,23 +17,47 @@ from PIL import Image
 from tests.run_helpers import invoke, make_archive, run_args, summaries, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--window-size=1200,2000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--window-size=1200,2000",
+)
 # chromium logs each console message (console.*, uncaught errors, CSP violations) as one line:
 #   [pid:tid:time:INFO:CONSOLE:1] "Uncaught Error: boom", source: file:///... (1)
 CONSOLE_LINE = re.compile(r":CONSOLE(?:\(\d+\)|:\d+)?\] (.*)")
 MIN_PIXEL_STD = 10.0  # grey levels; a blank page is 0
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium "
-                                "package (`make test` does, as root with apt-get) to run the browser checks")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"{CHROMIUM} is missing: install Debian's chromium "
+    "package (`make test` does, as root with apt-get) to run the browser checks",
+)
 
 
 def screenshot(page: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     """Load ``page`` in headless chromium; returns the screenshot and the console messages."""
     png = tmp_path / (page.stem + ".png")
-    proc = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}",
-                           page.resolve().as_uri()], check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(CHROMIUM),
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={png}",
+            page.resolve().as_uri(),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert png.exists(), f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return png, [m.group(1) for m in map(CONSOLE_LINE.search, proc.stderr.splitlines()) if m]
 
