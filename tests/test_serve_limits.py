@@ -21,7 +21,7 @@ from xmodal_index.pipeline.sample_archive import build_sample_archive
 from xmodal_index.sinks.errors import IndexVersionError
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
-CONFIG = '[decode]\nsegment_s = 1.0\n[encoder]\ncheckpoint = ""\nseed = 0\nthreads = 1\nbatch_size = 3\n'
+CONFIG = '[decode]\nsegment_s = 1.0\n[encoder]\ncheckpoint = ""\nseed = 0\nthreads = 3\nbatch_size = 3\n'
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +194,17 @@ def test_build_time_encoder_options_do_not_run_in_serve(built):
     import torch
 
     threads = torch.get_num_threads()
-    with IndexHandle(str(built), HotSwapConfig(poll_s=60), prepare=prepare_serving_encoder) as h:
-        encoder = h.current.extra
-        config = serving_encoder_config(h.current.index)
-    assert torch.get_num_threads() == threads  # the build's threads = 1 was not applied here
+    torch.set_num_threads(2)
+    try:
+        with IndexHandle(str(built), HotSwapConfig(poll_s=60), prepare=prepare_serving_encoder) as h:
+            served_threads = torch.get_num_threads()
+            config = serving_encoder_config(h.current.index)
+            model_ids = (h.current.extra.model_id, h.status().model_id)
+    finally:
+        torch.set_num_threads(threads)
+    assert served_threads == 2  # the build's threads = 3 was not applied on the query node
     assert config.threads == 0 and config.batch_size == 64 and config.seed == 0
-    assert encoder.model_id == h.status().model_id or encoder.model_id.startswith("builtin-untrained-seed0@")
+    assert model_ids[0] == model_ids[1]
 
 
 class _FakeVersion:
