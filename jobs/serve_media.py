@@ -236,7 +236,7 @@ class MediaDecoders:
     def _collect(self, segments: Iterable[Segment], modality: str, filename: str) -> Any:
         parts = []
         for seg in segments:
-            if seg.end_s > self.config.max_duration_s + _SEGMENT_S:
+            if seg.end_s > self.config.max_duration_s + self._decode_config.segment_s:
                 close = getattr(segments, "close", None)
                 if close is not None:
                     close()
