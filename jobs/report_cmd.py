@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 import tempfile
 import webbrowser
@@ -46,4 +47,4 @@ def report(workdir, run_id, out, samples, open_it):
             fd, local = tempfile.mkstemp(prefix="xmodal-report-", suffix=".html")
             with os.fdopen(fd, "wb") as f:
                 f.write(storage.read_bytes(target))
-        webbrowser.open("file://" + os.path.abspath(local.removeprefix("file://")))
+        webbrowser.open(pathlib.Path(local.removeprefix("file://")).resolve().as_uri())

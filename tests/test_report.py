@@ -380,3 +380,27 @@ def test_sample_hits_with_hostile_names_and_texts_stay_inert(done_run):
     assert "script" not in parsed.tags
     assert not any(name.startswith("on") for name, _ in parsed.attrs)
     assert ("title", 's3://b/x"><script>alert(1)</script>.png') in parsed.attrs  # one attribute value, as given
+
+
+def test_report_open_shows_the_written_file_in_a_browser(done_run, tmp_path, monkeypatch):
+    import webbrowser
+
+    _, workdir, summary = done_run
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    out = tmp_path / "opened.html"
+    result = invoke("report", "--workdir", workdir, "--out", out, "--no-samples", "--open")
+    assert result.exit_code == 0, result.output
+    assert opened == [out.resolve().as_uri()]
+
+
+def test_a_run_with_nothing_to_do_reports_the_unchanged_inputs(tmp_path):
+    make_archive(tmp_path / "a")
+    config = write_config(tmp_path)
+    for _ in range(2):
+        assert invoke(*run_args(tmp_path / "a", tmp_path / "w", config)).exit_code == 0
+    second = summaries(str(tmp_path / "w"))[-1]
+    data = rp.gather(str(tmp_path / "w"))
+    assert data.run_id == second["run_id"] and data.invariant == (True, "inputs 8 == indexed 0 + unchanged 8 + failed 0")
+    assert data.timeline.kinds == {} and data.failures == [] and data.retry_command is None
+    assert "nothing changed: LATEST stays" in render(data)
