@@ -93,7 +93,8 @@ class _LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True,
               help="More log output on stderr: -v adds INFO lines of this tool, -vv DEBUG and the INFO lines of "
                    "Beam and boto. Default: warnings and errors.")
-@click.option("-q", "--quiet", count=True, help="Less log output on stderr: errors only (warnings hidden). Default: off.")
+@click.option("-q", "--quiet", count=True,
+              help="Less log output on stderr: errors only (warnings hidden). Default: off.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Index media archives into one cross-modal space and query the published indexes."""

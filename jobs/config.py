@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
+from typing import Any
+
 import tomllib
-from typing import Any, Mapping
 
 from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.pipeline.decode_config import DecodeConfig
@@ -63,7 +65,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, section: str, **changes: Any) -> "RunConfig":
+    def replace(self, section: str, **changes: Any) -> RunConfig:
         """A copy with fields of one section changed (validated)."""
         try:
             new = dataclasses.replace(getattr(self, section), **changes)
@@ -72,7 +74,8 @@ class RunConfig:
         return dataclasses.replace(self, **{section: new})
 
 
-_CLASSES = {"source": SourceConfig, "decode": DecodeConfig, "encoder": EncoderConfig, "index": IndexBuildConfig, "run": JobConfig,
+_CLASSES = {"source": SourceConfig, "decode": DecodeConfig, "encoder": EncoderConfig, "index": IndexBuildConfig,
+            "run": JobConfig,
             "gate": GateConfig}
 
 
@@ -127,7 +130,8 @@ def load_config(path: str | None) -> RunConfig:
     try:
         data = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'TOML'}: {err}") from err
+        kind = "JSON" if path.endswith(".json") else "TOML"
+        raise ConfigError(f"config file {path!r} is not valid {kind}: {err}") from err
     try:
         return config_from_mapping(data)
     except ConfigError as err:

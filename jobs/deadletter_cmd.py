@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import click
 

@@ -10,6 +10,7 @@ import sys
 from typing import NoReturn
 
 import click
+
 from xmodal_index.jobs import loopback
 from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
 from xmodal_index.jobs.config import ConfigError, load_config, user_message
@@ -89,7 +90,8 @@ def _usage_error(message: str) -> NoReturn:
 
 def _check_index_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", value) or value in (".", ".."):
-        raise click.BadParameter(f"{value!r} must be letters, digits, '.', '_' or '-' (it names a folder of the workdir)",
+        raise click.BadParameter(f"{value!r} must be letters, digits, '.', '_' or '-' "
+                                 "(it names a folder of the workdir)",
                                  param_hint="--index-name")
     return value
 
@@ -105,7 +107,8 @@ def print_summary(s: RunSummary) -> None:
         click.echo("  failures by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(s.failed_by_stage.items())))
     click.echo(f"  segments {s.segments:>7}  rows written {s.rows_written}")
     click.echo(f"  model    {s.model_id}")
-    click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  version {s.index_version or '-'}: {s.index_note}")
+    click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  "
+               f"version {s.index_version or '-'}: {s.index_note}")
     if s.gate:
         click.echo(f"  gate     {s.gate}")
     click.echo(f"  summary  {s.workdir.rstrip('/')}/runs/{s.run_id}/summary.json")
@@ -148,12 +151,15 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 
 @click.command(context_settings={"ignore_unknown_options": False, "show_default": True})
 @click.option("--source", required=True, help="Archive to index: a local path, file:// or s3:// URI (prefix).")
-@click.option("--workdir", required=True, help="Where embeddings, dead letters, ledger, runs and indexes go (local path, file:// or s3://).")
+@click.option("--workdir", required=True,
+              help="Where embeddings, dead letters, ledger, runs and indexes go (local path, file:// or s3://).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML or JSON job config with [source] [decode] [encoder] [index] [run] tables (default: built-in defaults).")
+              help="TOML or JSON job config with [source] [decode] [encoder] [index] [run] tables "
+                   "(default: built-in defaults).")
 @click.option("--index-name", default="main", callback=lambda ctx, param, value: _check_index_name(value),
               help="Index to publish under WORKDIR/indexes/NAME (letters, digits, '.', '_', '-').")
-@click.option("--runner", default="DirectRunner", help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
+@click.option("--runner", default="DirectRunner",
+              help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
 @click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")
 @click.option("--force", is_flag=True,
@@ -164,21 +170,26 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
               help="Backfill only objects whose path relative to --source starts with this (e.g. videos/2024/). "
                    "Only objects under it can be marked deleted.")
 @click.option("--since", default=None, show_default="no lower bound",
-              help="Only objects last modified at or after this UTC time: 2024-05-01, 2024-05-01T06:00:00Z, or an age like 36h, 7d.")
+              help="Only objects last modified at or after this UTC time: 2024-05-01, 2024-05-01T06:00:00Z, "
+                   "or an age like 36h, 7d.")
 @click.option("--until", default=None, show_default="no upper bound",
               help="Only objects last modified before this UTC time (same forms as --since).")
-@click.option("--segment-s", type=float, default=None, help="Override [decode] segment_s: segment length in seconds (default: from config, 2.0).")
+@click.option("--segment-s", type=float, default=None,
+              help="Override [decode] segment_s: segment length in seconds (default: from config, 2.0).")
 @click.option("--max-error-fraction", type=float, default=None,
-              help="Override [run] max_error_fraction: fail (exit 3, nothing published) above this fraction of failed items (default: from config, 0.1).")
+              help="Override [run] max_error_fraction: fail (exit 3, nothing published) above this fraction of "
+                   "failed items (default: from config, 0.1).")
 @click.option("--wait-for-lease", type=click.FloatRange(min=0), default=0.0,
               help="Seconds to wait while another run holds the workdir lease (0: exit 4 at once).")
 @click.option("--lease-ttl", type=click.FloatRange(min=1), default=LeaseConfig.ttl_s,
-              help="Seconds after which the lease of a run that stopped renewing it may be taken over (renewed every ttl/4).")
+              help="Seconds after which the lease of a run that stopped renewing it may be taken over "
+                   "(renewed every ttl/4).")
 @click.option("--summary-out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the run's summary.json to this local file (written on failures too).")
 @click.option("--s3-endpoint-url", default=None, show_default="AWS_ENDPOINT_URL or AWS",
               help="S3-compatible endpoint (MinIO, Ceph), e.g. http://minio:9000; same as XMODAL_S3_ENDPOINT_URL.")
-@click.option("--s3-region", default=None, show_default="AWS_REGION / profile", help="S3 region; same as XMODAL_S3_REGION.")
+@click.option("--s3-region", default=None, show_default="AWS_REGION / profile",
+              help="S3 region; same as XMODAL_S3_REGION.")
 @click.option("--s3-profile", default=None, show_default="AWS_PROFILE",
               help="Profile of the shared AWS config files to take settings and credentials from.")
 @click.option("--progress/--no-progress", default=True,
@@ -234,7 +245,8 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     configure_progress(ProgressSettings(enabled=progress, every_s=progress_every_s))
     req = RunRequest(source=source, workdir=workdir, config=cfg, index_name=index_name, runner=runner,
-                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force, show_progress=progress,
+                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force,
+                     show_progress=progress,
                      selection=selection, lease=LeaseConfig(ttl_s=lease_ttl, wait_s=wait_for_lease),
                      summary_out=summary_out)
     loopback.install()  # Beam's worker servers listen on loopback only

@@ -52,10 +52,10 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from xmodal_index.pipeline.decode import (DecodeConfig, DecodeError, DecoderCrashedError, DecodeTimeoutError,
-                                          decode_item)
+from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, DecoderCrashedError, DecodeTimeoutError, decode_item
 from xmodal_index.pipeline.types import MediaItem, Segment
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _serve_one(conn, fn: Callable[..., Iterable[Any]], args: tuple, log_path: st
         notes = _native_notes(log_path)
         try:
             conn.send(("error", err, notes))
-        except Exception:  # an unpicklable attribute: send the essentials
+        except Exception:  # noqa: BLE001 - an unpicklable attribute: send the essentials
             conn.send(("error", DecodeError(str(err), stage=err.stage), notes))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which decides
         conn.send(("failed", f"{type(err).__name__}: {err}", traceback.format_exc(), _native_notes(log_path)))
@@ -468,7 +468,7 @@ class IsolatedDecoder:
             message = worker.conn.recv()
         except (EOFError, OSError):
             message = ("crashed", f"decode worker (pid {worker.pid}) {worker.describe_exit()}", worker.native_notes())
-        except Exception as err:  # a message that does not unpickle here
+        except Exception as err:  # noqa: BLE001 - a message that does not unpickle here
             message = ("crashed", f"unreadable reply from the decode worker: {type(err).__name__}: {err}")
         request.progress_s = request.waited_s
         if message[0] == "item":
