@@ -337,7 +337,9 @@ def write_report(
             f"{data.version.version} is {data.version.bytes_total} bytes: no sample queries at the end "
             f"of the run; `xmodal-index report --workdir WORKDIR --run {data.run_id}` adds them"
         )
-    elif samples is not False:
+    elif samples is False:
+        data.samples_note = "sample queries not run (--no-samples)"
+    else:
         add_samples(data)
     run_dir = Workdir(data.workdir).run_dir(data.run_id)
     if data.retry_command and job_config(data.config):

@@ -146,13 +146,13 @@ def _timing(d: ReportData) -> str:
         for k, (n, m, t) in sorted(by_kind.items())
     )
     if table:
-        parts.append(
-            "<div><table><tr><th>kind</th><th>items</th><th>media s</th><th>decoder s</th>"
-            f"<th>media s per decoder s</th></tr>{table}</table></div>"
+        table = (
+            "<table><tr><th>kind</th><th>items</th><th>media s</th><th>decoder s</th>"
+            f"<th>media s per decoder s</th></tr>{table}</table>"
         )
-    if not parts:
-        parts.append("<p>No timing recorded (the run processed no items).</p>")
-    return "<section><h2>Throughput and timing</h2><div class='grid'>" + "".join(parts) + "</div></section>"
+    elif not parts:
+        table = "<p>No timing recorded (the run processed no items).</p>"
+    return f"<section><h2>Throughput and timing</h2><div class='grid'>{''.join(parts)}</div>{table}</section>"
 
 
 def _failures(d: ReportData) -> str:

@@ -48,10 +48,11 @@ def throughput_plot(
         ax.set_ylabel("media-seconds / second")
         ax2 = ax.twinx()
         ax2.spines["right"].set_visible(True)
-        for points, color, label in ((finished, "#333333", "items done"), (failed, FAIL, "items failed")):
+        # failures are placed when their dead letters were written, which can trail the failure
+        for points, color, label in ((finished, "#333333", "items done"), (failed, FAIL, "dead letters written")):
             if points:
                 ax2.step(
-                    [0.0] + [t for t, _ in points], [0] + [n for _, n in points], where="pre", color=color, label=label
+                    [0.0] + [t for t, _ in points], [0] + [n for _, n in points], where="post", color=color, label=label
                 )
         ax2.set_ylabel("items (cumulative)")
         lines = ax.get_legend_handles_labels()
