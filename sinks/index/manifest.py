@@ -171,13 +171,17 @@ class FileEntry:
     file: str
     sha256: str
     bytes: int
+    origin: str = ""  # incremental versions: the older version whose directory holds the file ("" = this one)
 
     @classmethod
     def of_local(cls, path: str, name: str) -> "FileEntry":
         return cls(file=name, sha256=sha256_file(path), bytes=os.path.getsize(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.origin:
+            del out["origin"]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +199,7 @@ class ShardEntry:
     search_params: Mapping[str, int] = dataclasses.field(default_factory=dict)  # nprobe / efSearch / rerank
     recall_at_10: float | None = None
     vectors: str = ""  # file name of the shard's float16 vectors (rows via the id map's vector_row)
+    origin: str = ""  # incremental versions: the older version whose directory holds the file ("" = this one)
 
     def __post_init__(self) -> None:
         if self.kind not in SHARD_KINDS:
@@ -203,6 +208,8 @@ class ShardEntry:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["search_params"] = dict(self.search_params)
+        if not self.origin:
+            del out["origin"]
         return out
 
 
@@ -235,10 +242,19 @@ class Manifest:
     def modalities(self) -> tuple[str, ...]:
         return tuple(sorted({s.modality for s in self.shards}))
 
+    @property
+    def tombstones(self) -> FileEntry | None:
+        """Incremental versions: the file of deleted segment ids (sorted int64 .npy) searches skip."""
+        entry = self.extra.get("tombstones")
+        if not entry:
+            return None
+        return FileEntry(entry["file"], entry["sha256"], entry["bytes"], entry.get("origin", ""))
+
     def all_files(self) -> list[FileEntry]:
-        """Every file a loader must fetch and verify: shards, id maps, vectors, extra files."""
-        shards = [FileEntry(s.file, s.sha256, s.bytes) for s in self.shards]
-        return shards + list(self.id_maps) + list(self.vectors) + list(self.files)
+        """Every file a loader must fetch and verify: shards, id maps, vectors, extra files, tombstones."""
+        shards = [FileEntry(s.file, s.sha256, s.bytes, s.origin) for s in self.shards]
+        tombstones = [self.tombstones] if self.tombstones is not None else []
+        return shards + list(self.id_maps) + list(self.vectors) + list(self.files) + tombstones
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -276,7 +292,7 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(cls)}
 
         def entries(key: str) -> tuple[FileEntry, ...]:
-            return tuple(FileEntry(f["file"], f["sha256"], f["bytes"]) for f in data.get(key, []))
+            return tuple(FileEntry(f["file"], f["sha256"], f["bytes"], f.get("origin", "")) for f in data.get(key, []))
 
         return cls(
             version=data["version"],
@@ -353,17 +369,25 @@ def parse_manifest(data: bytes, index_root: str, version: str) -> Manifest:
     return manifest
 
 
+def entry_uri(index_root: str, manifest: Manifest, entry: FileEntry) -> str:
+    """Where a listed file is stored: its version's directory, or its ``origin``'s."""
+    return storage.join(index_root, entry.origin or manifest.version, entry.file)
+
+
 def missing_files(index_root: str, manifest: Manifest) -> list[str]:
     """Files the manifest lists that are absent or of another size under the version
-    (a cheap check by listing; the loader verifies every sha256 before serving)."""
-    prefix = storage.join(index_root, manifest.version)
-    try:
-        sizes = {obj.uri.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: obj.size for obj in storage.list_objects(prefix)}
-    except ObjectNotFoundError:
-        sizes = {}
+    (or under the older version an entry's ``origin`` names; a cheap check by listing;
+    the loader verifies every sha256 before serving)."""
+    sizes: dict[str, dict[str, int]] = {}
+    for where in {e.origin or manifest.version for e in manifest.all_files()} | {manifest.version}:
+        try:
+            sizes[where] = {obj.uri.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: obj.size
+                            for obj in storage.list_objects(storage.join(index_root, where))}
+        except ObjectNotFoundError:
+            sizes[where] = {}
     problems = []
     for entry in manifest.all_files():
-        size = sizes.get(entry.file)
+        size = sizes[entry.origin or manifest.version].get(entry.file)
         if size is None:
             problems.append(f"{entry.file} is missing")
         elif size != entry.bytes:

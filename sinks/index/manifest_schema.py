@@ -14,6 +14,10 @@ with one line naming the first bad key (its value echoed short and sanitised):
   each kind, all of one modality and one ``ntotal``;
 - the float shards' ``ntotal`` add up to ``ntotal``, and so do the binary shards';
 - ``dim``, ``bits`` and ``metric`` are in range and known; kinds and modalities known;
+- incremental versions: an entry's optional ``origin`` names an older version
+  whose directory holds the file; ``tombstones`` is a file entry with ``count``
+  (deleted segment ids, subtracted from the shards' totals), ``base_version`` a
+  version name, ``delta_count`` an int >= 0;
 - known optional keys have their types, at the top level or in ``metrics`` (where
   ``run`` records them): ``fencing_token`` an int >= 0, ``rows_fingerprint`` a string,
   ``ledger_snapshot`` null or a plain file name. Other unknown top-level keys are kept (newer releases
@@ -57,7 +61,9 @@ REQUIRED_KEYS = (
 )
 FILE_KEYS = ("file", "sha256", "bytes")
 SHARD_KEYS = FILE_KEYS + ("ntotal", "modality", "kind", "id_map", "factory", "search_params", "recall_at_10",
-                          "vectors")
+                          "vectors", "origin")
+_FILE_ALLOWED = FILE_KEYS + ("origin",)
+_TOMBSTONE_KEYS = _FILE_ALLOWED + ("count",)
 _SHARD_REQUIRED = FILE_KEYS + ("ntotal", "modality", "kind", "id_map")
 
 
@@ -115,9 +121,18 @@ def _keys(entry: Mapping[str, Any], where: str, allowed: tuple[str, ...], requir
         raise _Bad(f"{where} has unknown keys {[sanitise(k) for k in unknown[:3]]}")
 
 
-def _file(entry: object, where: str) -> Mapping[str, Any]:
+def _origin(entry: Mapping[str, Any], where: str, version: str) -> None:
+    """An entry's ``origin``: an older version than the manifest's own."""
+    if "origin" not in entry:
+        return
+    origin = entry["origin"]
+    if not isinstance(origin, str) or not _VERSION_RE.fullmatch(origin) or int(origin[1:]) >= int(version[1:]):
+        raise _Bad(f"{where}.origin = {sanitise(str(origin))} is not the name of a version older than {version}")
+
+
+def _file(entry: object, where: str, allowed: tuple[str, ...] = _FILE_ALLOWED) -> Mapping[str, Any]:
     entry = _obj(entry, where)
-    _keys(entry, where, FILE_KEYS, FILE_KEYS)
+    _keys(entry, where, allowed, FILE_KEYS)
     _name(entry["file"], f"{where}.file")
     if not isinstance(entry["sha256"], str) or not _SHA256_RE.fullmatch(entry["sha256"]):
         raise _Bad(f"{where}.sha256 = {sanitise(str(entry['sha256']))} is not 64 lowercase hex digits")
@@ -135,7 +150,7 @@ def _params(value: object, where: str) -> None:
 def _shard(entry: object, where: str) -> Mapping[str, Any]:
     entry = _obj(entry, where)
     _keys(entry, where, SHARD_KEYS, _SHARD_REQUIRED)
-    _file({k: entry[k] for k in FILE_KEYS}, where)
+    _file({k: entry[k] for k in FILE_KEYS}, where, FILE_KEYS)
     _int(entry["ntotal"], f"{where}.ntotal", 0, MAX_NTOTAL)
     if entry["modality"] not in MODALITIES:
         raise _Bad(f"{where}.modality = {sanitise(str(entry['modality']))} is not one of {list(MODALITIES)}")
@@ -194,15 +209,36 @@ def _check(data: Mapping[str, Any]) -> None:
         if holder.get("ledger_snapshot") is not None:
             _name(holder["ledger_snapshot"], f"{prefix}ledger_snapshot")
 
+    if data.get("base_version") is not None and (not isinstance(data["base_version"], str)
+                                                 or not _VERSION_RE.fullmatch(data["base_version"])):
+        raise _Bad(f"base_version = {sanitise(str(data['base_version']))} is not null or a version name")
+    if "delta_count" in data:
+        _int(data["delta_count"], "delta_count", 0, MAX_FILES)
+
     shards = [_shard(s, f"shards[{i}]") for i, s in enumerate(_list(data["shards"], "shards"))]
     if not shards:
         raise _Bad("shards is empty")
     lists = {key: [_file(f, f"{key}[{i}]") for i, f in enumerate(_list(data.get(key, []), key))]
              for key in ("id_maps", "vectors", "files")}
+    tombstones = data.get("tombstones")
+    dead = 0
+    if tombstones is not None:
+        tombstones = _file(tombstones, "tombstones", _TOMBSTONE_KEYS)
+        dead = _int(tombstones.get("count"), "tombstones.count", 0, MAX_NTOTAL)
+        if tombstones["bytes"] < 8 * dead:
+            raise _Bad(f"tombstones.bytes = {tombstones['bytes']} cannot hold {dead} int64 segment ids")
+    for i, s in enumerate(shards):
+        _origin(s, f"shards[{i}]", data["version"])
+    for key, entries in lists.items():
+        for i, f in enumerate(entries):
+            _origin(f, f"{key}[{i}]", data["version"])
+    if tombstones is not None:
+        _origin(tombstones, "tombstones", data["version"])
     seen: set[str] = set()
     for where, name in ([(f"shards[{i}]", s["file"]) for i, s in enumerate(shards)]
                         + [(f"{key}[{i}]", f["file"]) for key, entries in lists.items()
-                           for i, f in enumerate(entries)]):
+                           for i, f in enumerate(entries)]
+                        + ([("tombstones", tombstones["file"])] if tombstones is not None else [])):
         if name in seen:
             raise _Bad(f"{where}.file = {sanitise(name)} is listed twice")
         seen.add(name)
@@ -227,8 +263,9 @@ def _check(data: Mapping[str, Any]) -> None:
         raise _Bad(f"{sanitise(unused[0])} is listed but no shard uses it")
     for kind in SHARD_KINDS:
         total = sum(s["ntotal"] for s in shards if s["kind"] == kind)
-        if total != ntotal:
-            raise _Bad(f"the {kind} shards hold {total} vectors in all, ntotal says {ntotal}")
+        if total - dead != ntotal:
+            less = f" less {dead} tombstones" if dead else ""
+            raise _Bad(f"the {kind} shards hold {total} vectors in all{less}, ntotal says {ntotal}")
 
 
 def check_manifest(data: object, source: str = "manifest") -> Mapping[str, Any]:

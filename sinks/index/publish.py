@@ -210,7 +210,7 @@ def verify_version(index_root: str, version: str, *, verify_sha256: bool = False
         raise IndexVersionError(f"refusing {version}: " + "; ".join(problems[:3]) + more)
     if verify_sha256:
         for entry in manifest.all_files():
-            got = _sha256_object(storage.join(index_root, version, entry.file))
+            got = _sha256_object(mf.entry_uri(index_root, manifest, entry))
             if got != entry.sha256:
                 raise ChecksumMismatchError(f"refusing {version}: {entry.file} has sha256 {got[:12]}..., "
                                             f"the manifest says {entry.sha256[:12]}...")

@@ -16,6 +16,13 @@ Rules a manifest cannot bend:
 - A cached copy is reused only when it is a regular file (not a symlink) with the
   listed size and sha256.
 
+Incremental versions list files of older versions (an entry's ``origin``): they
+are fetched from that version's directory (read in place there for local roots).
+Fetched files are also content-addressed: ``<index key>/objects/<sha256>`` is a
+hard link to each verified file, so a version that lists a file another cached
+version already holds links it (verified again) instead of downloading it; an
+object no version directory links any more is removed by pruning.
+
 Pruning keeps the ``keep_versions`` most recently opened versions of an index
 (default 2: the current and the previous one; ``$XMODAL_INDEX_CACHE_KEEP``) and
 never removes a version that an open ``IndexVersion`` of this process uses. Other
@@ -152,6 +159,52 @@ def version_dir(index_root: str, version: str, cache_dir: str | None) -> str:
     return os.path.join(index_cache_dir(index_root, cache_dir), version)
 
 
+def entry_path(index_root: str, manifest: mf.Manifest, entry: mf.FileEntry, cache_dir: str | None) -> str:
+    """The local path a listed file is verified and read at."""
+    if entry.origin and cache_dir is None and not storage.is_s3(index_root):  # in place, in its own version
+        return file_path(version_dir(index_root, entry.origin, None), entry.file)
+    return file_path(version_dir(index_root, manifest.version, cache_dir), entry.file)
+
+
+def entry_paths(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -> dict[str, str]:
+    """File name -> local path of every file the manifest lists."""
+    return {entry.file: entry_path(index_root, manifest, entry, cache_dir) for entry in manifest.all_files()}
+
+
+def _object_path(index_root: str, cache_dir: str | None, entry: mf.FileEntry) -> str:
+    return os.path.join(index_cache_dir(index_root, cache_dir), "objects", entry.sha256)
+
+
+def _link_cached(obj: str, path: str, entry: mf.FileEntry) -> bool:
+    """Link the cached object of ``entry`` to ``path`` when it verifies (True), else leave it."""
+    if not os.path.isfile(obj) or os.path.islink(obj):
+        return False
+    tmp = os.path.join(os.path.dirname(path), f".link-{entry.sha256[:16]}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.link(obj, tmp)
+        if _mismatch(entry, tmp) is not None:
+            os.unlink(tmp)
+            return False
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def _keep_object(path: str, obj: str) -> None:
+    try:
+        os.makedirs(os.path.dirname(obj), exist_ok=True)
+        os.link(path, obj)
+    except FileExistsError:
+        pass
+    except OSError as err:  # another filesystem or no hard links: the cache still works, without sharing
+        logger.debug("cannot link %s into the object store: %s", path, err)
+
+
 def materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -> str:
     """A local directory holding every listed file, each verified against the manifest.
 
@@ -161,26 +214,44 @@ def materialise(index_root: str, manifest: mf.Manifest, cache_dir: str | None) -
     version = manifest.version
     in_place = cache_dir is None and not storage.is_s3(index_root)
     local_dir = version_dir(index_root, version, cache_dir)
-    paths = [(entry, file_path(local_dir, entry.file)) for entry in manifest.all_files()]  # every name first
+    paths = [(entry, entry_path(index_root, manifest, entry, cache_dir))
+             for entry in manifest.all_files()]  # every name first
     if not in_place:
         os.makedirs(local_dir, exist_ok=True)
         if os.path.islink(local_dir) or not os.path.isdir(local_dir):
             raise IndexVersionError(f"cache directory {local_dir!r} is not a plain directory")
     for entry, path in paths:
-        uri = storage.join(index_root, version, entry.file)
+        uri = mf.entry_uri(index_root, manifest, entry)
         problem = _mismatch(entry, path)
         if problem is not None and not in_place:  # not cached yet, or a damaged cached copy
-            try:
-                fetch_verified(uri, path, entry, version)
-            except ObjectNotFoundError as err:
-                raise ChecksumMismatchError(f"version {version}: {entry.file!r} listed in the manifest is missing "
-                                            f"({uri})") from err
+            obj = _object_path(index_root, cache_dir, entry)
+            if not _link_cached(obj, path, entry):
+                try:
+                    fetch_verified(uri, path, entry, version)
+                except ObjectNotFoundError as err:
+                    raise ChecksumMismatchError(f"version {version}: {entry.file!r} listed in the manifest is "
+                                                f"missing ({uri})") from err
+                _keep_object(path, obj)
             problem = None
         if problem is not None:
             raise ChecksumMismatchError(f"version {version}: {entry.file!r} {problem} ({uri}); refusing to serve it")
     if not in_place:
         os.utime(local_dir)  # most recently used: what pruning keeps
     return local_dir
+
+
+def _prune_objects(objects_dir: str) -> None:
+    """Remove stored objects that no cached version links any more."""
+    try:
+        entries = list(os.scandir(objects_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_nlink <= 1:
+                os.unlink(entry.path)
+        except OSError:
+            pass
 
 
 def hold(local_dir: str) -> None:
@@ -229,6 +300,7 @@ def prune(index_dir: str, keep_versions: int, protect: Iterable[str] = ()) -> li
             logger.warning("cannot prune cached version %s: %s", entry.path, err)
             continue
         removed.append(entry.name)
+    _prune_objects(os.path.join(index_dir, "objects"))
     if removed:
         logger.info("pruned cached versions %s of %s (keeping %d)", ",".join(sorted(removed)), index_dir,
                     keep_versions)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index import seal
+from xmodal_index.sinks.index import seal, tombstones
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.serving import cache
 from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
@@ -149,6 +149,8 @@ DEFAULT_CANDIDATES = 100  # two-stage: Hamming candidates per shard when not giv
 class IndexVersion:
     """One verified, loaded index version. Use ``IndexVersion.open``."""
 
+    _tombstones: tombstones.Tombstones | None = None  # incremental versions: ids searches skip
+
     def __init__(self, index_root: str, manifest: mf.Manifest, local_dir: str,
                  shards: list[_Shard], id_maps: dict[str, _IdMap], digest: str | None = None,
                  held: bool = False) -> None:
@@ -203,8 +205,10 @@ class IndexVersion:
         cache.hold(local_dir)  # from the first fetch on, no prune (of any thread) removes it
         try:
             cache.materialise(index_root, manifest, cache_dir)
-            shards, id_maps = cls._load(local_dir, manifest)
+            paths = cache.entry_paths(index_root, manifest, cache_dir)
+            shards, id_maps = cls._load(local_dir, manifest, paths)
             opened = cls(index_root, manifest, local_dir, shards, id_maps, digest=digest, held=True)
+            opened._tombstones = tombstones.load(manifest, paths, id_maps)
         except BaseException:
             cache.release(local_dir)
             raise
@@ -215,17 +219,18 @@ class IndexVersion:
         return opened
 
     @classmethod
-    def _load(cls, local_dir: str, manifest: mf.Manifest) -> tuple[list[_Shard], dict[str, _IdMap]]:
+    def _load(cls, local_dir: str, manifest: mf.Manifest, paths: dict[str, str] | None = None
+              ) -> tuple[list[_Shard], dict[str, _IdMap]]:
         """Read the verified files and check them against the manifest."""
         version = manifest.version
         try:
-            id_maps = cls._read_id_maps(local_dir, manifest)
+            id_maps = cls._read_id_maps(local_dir, manifest, paths)
         except IndexVersionError:
             raise
         except Exception as err:  # noqa: BLE001 - a verified but unreadable file refuses the version
             raise IndexVersionError(f"version {version}: cannot read its id maps: "
                                     f"{_one_line(f'{type(err).__name__}: {err}')}") from err
-        shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry)) for entry in manifest.shards]
+        shards = [_Shard(entry, cls._read_shard(local_dir, manifest, entry, paths)) for entry in manifest.shards]
         for shard in shards:
             rows = len(id_maps[shard.entry.id_map].ids)
             if rows != shard.entry.ntotal:
@@ -234,12 +239,14 @@ class IndexVersion:
         return shards, id_maps
 
     @staticmethod
-    def _read_id_maps(local_dir: str, manifest: mf.Manifest) -> dict[str, "_IdMap"]:
+    def _read_id_maps(local_dir: str, manifest: mf.Manifest, paths: dict[str, str] | None = None
+                      ) -> dict[str, "_IdMap"]:
         version = manifest.version
         vectors_of = {s.id_map: s.vectors for s in manifest.shards if s.vectors}
         id_maps = {}
+        where = paths or {}
         for entry in manifest.id_maps:
-            table = pq.read_table(cache.file_path(local_dir, entry.file), memory_map=True)
+            table = pq.read_table(where.get(entry.file) or cache.file_path(local_dir, entry.file), memory_map=True)
             ids = table.column("segment_id").to_numpy()
             if len(ids) > 1 and np.any(ids[1:] <= ids[:-1]):
                 order = np.argsort(ids, kind="stable")
@@ -253,13 +260,15 @@ class IndexVersion:
                     raise IndexVersionError(f"version {version}: id map {entry.file!r} lacks the "
                                             f"{mf.VECTOR_ROW_COLUMN!r} column its stored vectors need")
                 rows = table.column(mf.VECTOR_ROW_COLUMN).to_numpy()
-                id_map.vectors = StoredVectors.open(cache.file_path(local_dir, vectors_of[entry.file]), ids, rows)
+                vectors_path = where.get(vectors_of[entry.file]) or cache.file_path(local_dir, vectors_of[entry.file])
+                id_map.vectors = StoredVectors.open(vectors_path, ids, rows)
             id_maps[entry.file] = id_map
         return id_maps
 
     @staticmethod
-    def _read_shard(local_dir: str, manifest: mf.Manifest, entry: mf.ShardEntry) -> Any:
-        path = cache.file_path(local_dir, entry.file)
+    def _read_shard(local_dir: str, manifest: mf.Manifest, entry: mf.ShardEntry,
+                    paths: dict[str, str] | None = None) -> Any:
+        path = (paths or {}).get(entry.file) or cache.file_path(local_dir, entry.file)
         binary = entry.kind == "binary"
         read = faiss.read_index_binary if binary else faiss.read_index
         try:
@@ -354,7 +363,8 @@ class IndexVersion:
 
         def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
             vectors = self._id_maps[shard.entry.id_map].vectors
-            return two_stage_search(shard.index, queries, codes, k, candidates, vectors)
+            extra = self._extra(shard)
+            return two_stage_search(shard.index, queries, codes, k + extra, candidates + extra, vectors)
 
         return self._search("float", queries, k, modalities, fn, shards=shards)
 
@@ -362,17 +372,22 @@ class IndexVersion:
         def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
             rerank = int(shard.entry.search_params.get(RERANK_PARAM, 0))
             vectors = self._id_maps[shard.entry.id_map].vectors
+            kk = k + self._extra(shard)
             if rerank > 1 and vectors is not None:
-                return rerank_search(shard.index, queries, k, rerank, vectors)
-            return shard.index.search(queries, k)
+                return rerank_search(shard.index, queries, kk, rerank, vectors)
+            return shard.index.search(queries, kk)
         return fn
+
+    def _extra(self, shard: _Shard) -> int:
+        """Rows of the shard that are tombstoned: it returns that many more than k."""
+        return 0 if self._tombstones is None else self._tombstones.extra(shard.entry.id_map)
 
     def search_codes(self, codes: np.ndarray, k: int, modalities: Sequence[str] | None = None) -> list[list[Hit]]:
         """Top-k rows per packed hash code by Hamming distance; score = 1 - d / bits."""
         codes = self._check_codes(codes)
         if k <= 0:
             raise ValueError(f"{k = } must be > 0")
-        return self._search("binary", codes, k, modalities, lambda s: s.index.search(codes, k))
+        return self._search("binary", codes, k, modalities, lambda s: s.index.search(codes, k + self._extra(s)))
 
     def _search(self, kind: str, queries: np.ndarray, k: int, modalities: Sequence[str] | None,
                 fn: Callable[[_Shard], tuple[np.ndarray, np.ndarray]],
@@ -394,7 +409,10 @@ class IndexVersion:
         picked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         wanted: dict[str, list[np.ndarray]] = {}
         for q in range(nq):
-            valid = np.nonzero((ids[q] >= 0) & np.isfinite(dist[q]))[0]
+            live = (ids[q] >= 0) & np.isfinite(dist[q])
+            if self._tombstones is not None:
+                live &= ~self._tombstones.dead(ids[q])
+            valid = np.nonzero(live)[0]
             order = valid[np.lexsort((ids[q, valid], key[q, valid]))][:k]
             picked.append((ids[q, order], dist[q, order], owner[q, order]))
             for n in np.unique(owner[q, order]):
