@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
+from xmodal_index.sinks import workdir as workdir_layout
+from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index import publish
-from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks import workdir as workdir_layout
-from xmodal_index.sinks.storage.lease import Lease
 from xmodal_index.sinks.index.publish_gate import map_figures, recall_figures
+from xmodal_index.sinks.storage.lease import Lease
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from tests import run_helpers
 from tests.run_helpers import (
     assert_same_index,
     index_contents,
@@ -18,10 +19,11 @@ from tests.run_helpers import (
     run_args,
     summaries,
 )
-from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import CRASH_ENV, CRASH_EXIT_CODE, live_batches
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
+
+archive, config = run_helpers.archive, run_helpers.config  # shared module fixtures
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +96,32 @@ def test_crash_in_an_incremental_run_keeps_the_old_version_live_then_catches_up(
     assert invoke(*run_args(src, reference, config)).exit_code == 0
     assert_same_index(index_contents(root), index_contents(str(reference / "indexes" / "main")))
     _live_rows_are_unique(work)
+
+
+def test_a_version_uploaded_before_a_crash_is_published_not_rebuilt(archive, config, tmp_path):
+    work = tmp_path / "work"
+    _crash(archive, work, config, "before_publish")
+    root = str(work / "indexes" / "main")
+    assert mf.list_versions(root) == ["v000001"] and mf.read_latest(root) is None
+    uploaded = (work / "indexes" / "main" / "v000001" / "manifest.json").read_bytes()
+    result = invoke(*run_args(archive, work, config))
+    assert result.exit_code == 0, result.output
+    assert "uploaded by an earlier run" in result.output
+    # the crashed run's complete version is the one served: nothing rebuilt, nothing orphaned
+    assert mf.list_versions(root) == ["v000001"] and mf.read_latest(root) == "v000001"
+    assert (work / "indexes" / "main" / "v000001" / "manifest.json").read_bytes() == uploaded
+    assert summaries(str(work))[-1]["index_published"]
+
+
+def test_a_damaged_uploaded_version_is_rebuilt_not_published(archive, config, tmp_path):
+    work = tmp_path / "work"
+    _crash(archive, work, config, "before_publish")
+    version_dir = work / "indexes" / "main" / "v000001"
+    manifest = mf.read_manifest(str(work / "indexes" / "main"), "v000001")
+    shard = version_dir / manifest.shards[0].file
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only its sha256 tells
+    shard.write_bytes(bytes(data))
+    result = invoke(*run_args(archive, work, config))
+    assert result.exit_code == 0, result.output
+    assert mf.read_latest(str(work / "indexes" / "main")) == "v000002"
