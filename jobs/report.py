@@ -182,6 +182,7 @@ def _version_of_run(index_root: str, run_id: str, summary: dict[str, Any]) -> tu
         versions = mf.list_versions(index_root)
     except SinkError as err:
         return None, f"index versions unreadable: {err}"
+    started = _epoch(summary.get("started_at"))
     for version in reversed(versions):
         try:
             manifest = mf.read_manifest(index_root, version)
@@ -189,10 +190,20 @@ def _version_of_run(index_root: str, run_id: str, summary: dict[str, Any]) -> tu
             continue
         if (manifest.metrics or {}).get("run_id") == run_id:
             return manifest, ""
+        created = _epoch(manifest.created_at)
+        if started is not None and created is not None and created < started - 1:
+            break  # older than the run: neither it nor any older version is the run's
     named = summary.get("index_version")
-    if named and named in versions:
-        return mf.read_manifest(index_root, named), f"this run built no version; {named} was current"
-    return None, "this run built no index version"
+    if not named or named not in versions:
+        return None, "this run built no index version"
+    try:
+        manifest = mf.read_manifest(index_root, named)
+    except (IndexVersionError, SinkError) as err:
+        return None, f"{named} is unreadable: {err}"
+    if summary.get("index_published"):
+        builder = (manifest.metrics or {}).get("run_id", "?")
+        return manifest, f"{named} was built by run {builder}, which stopped before publishing it; this run did"
+    return manifest, f"this run built no version; {named} is the one it left current"
 
 
 def _version_info(manifest: mf.Manifest, summary: dict[str, Any]) -> VersionInfo:

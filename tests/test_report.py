@@ -404,3 +404,17 @@ def test_a_run_with_nothing_to_do_reports_the_unchanged_inputs(tmp_path):
     assert data.run_id == second["run_id"] and data.invariant == (True, "inputs 8 == indexed 0 + unchanged 8 + failed 0")
     assert data.timeline.kinds == {} and data.failures == [] and data.retry_command is None
     assert "nothing changed: LATEST stays" in render(data)
+
+
+def test_a_rerun_that_publishes_a_crashed_runs_version_says_so(tmp_path):
+    from tests.run_helpers import invoke_subprocess
+    from xmodal_index.jobs.run_job import CRASH_ENV, CRASH_EXIT_CODE
+
+    make_archive(tmp_path / "a")
+    args = run_args(tmp_path / "a", tmp_path / "w", write_config(tmp_path))
+    crashed = invoke_subprocess(args, env={CRASH_ENV: "before_publish"})
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr
+    assert invoke(*args).exit_code == 0
+    data = rp.gather(str(tmp_path / "w"))
+    assert data.version.version == "v000001" and data.version.published
+    assert any("v000001 was built by run " in note and "this run did" in note for note in data.notes)
