@@ -401,7 +401,8 @@ def test_a_run_with_nothing_to_do_reports_the_unchanged_inputs(tmp_path):
         assert invoke(*run_args(tmp_path / "a", tmp_path / "w", config)).exit_code == 0
     second = summaries(str(tmp_path / "w"))[-1]
     data = rp.gather(str(tmp_path / "w"))
-    assert data.run_id == second["run_id"] and data.invariant == (True, "inputs 8 == indexed 0 + unchanged 8 + failed 0")
+    assert data.run_id == second["run_id"]
+    assert data.invariant == (True, "inputs 8 == indexed 0 + unchanged 8 + failed 0")
     assert data.timeline.kinds == {} and data.failures == [] and data.retry_command is None
     assert "nothing changed: LATEST stays" in render(data)
 
