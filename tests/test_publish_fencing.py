@@ -11,14 +11,14 @@ import time
 
 import pytest
 from click.testing import CliRunner
+
+from tests.test_loader import Archive
 from xmodal_index.jobs.cli import cli
 from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index import publish, seal
 from xmodal_index.sinks.index.build import IndexBuildConfig
 from xmodal_index.sinks.storage.lease import Lease, LeaseLostError, lease_uri
-
-from tests.test_loader import Archive
 
 CONFIG = IndexBuildConfig(recall_sample=10)
 PACKAGE = pathlib.Path(publish.__file__).resolve().parents[2]
@@ -242,3 +242,19 @@ def test_a_corrupted_highwater_is_refused_not_reset(root):
     (root / publish.HIGHWATER_NAME).write_text("v00000x\n")
     with pytest.raises(publish.HighWaterError, match="HIGHWATER"):
         publish.reserve_version(str(root))
+
+
+def test_on_object_storage_a_stale_publish_moves_nothing_and_numbers_only_grow(s3_bucket):
+    root = f"{s3_bucket}/work/indexes/main"
+    Archive({"text": 30}, seed=0).build(root, CONFIG)
+    for seed in (1, 2):
+        Archive({"text": 30 + seed}, seed=seed).build(root, CONFIG, publish=False)
+    stale = publish.read_state(root)
+    publish.publish(root, "v000003", expected=publish.read_state(root))
+    with pytest.raises(publish.LatestMovedError):
+        publish.publish(root, "v000002", expected=stale)
+    assert seal.read_latest_record(root).version == "v000003"
+    assert invoke("promote", "v000001", "--index", root).exit_code == 0
+    assert invoke("gc", "--index", root, "--keep", "0").exit_code == 0
+    assert mf.list_versions(root) == ["v000001"]  # the top numbers are free again
+    assert Archive({"text": 40}, seed=4).build(root, CONFIG, publish=False).version == "v000004"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
+from tests.test_loader import Archive
 from xmodal_index.sinks.errors import IndexVersionError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.build import IndexBuildConfig
@@ -15,8 +17,6 @@ from xmodal_index.sinks.index.publish_gate import (
     gate,
     map_figures,
 )
-
-from tests.test_loader import Archive
 
 
 def _manifest(version: str, recall: float | None = 0.95, binary: float | None = 0.97, ntotal: int = 150,

@@ -201,7 +201,8 @@ def gate(candidate: mf.Manifest, current: mf.Manifest | None, config: GateConfig
         reason = f"{head}: regressed: " + "; ".join(c.describe() for c in failed)
     else:
         compared = len(checks) - len(guards)
-        reason = f"{head}: no regression in {compared} metrics" if compared else f"{head}: no metrics in common to compare"
+        reason = f"{head}: no regression in {compared} metrics" if compared else \
+            f"{head}: no metrics in common to compare"
     if guards:
         reason += "; " + "; ".join(c.describe() for c in guards)
     if not_compared:
