@@ -106,7 +106,9 @@ def test_connections_over_the_cap_get_503_and_threads_stay_bounded(handle):
     with serve(handle, max_connections=4, header_timeout_s=20) as srv:
         idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
         try:
-            time.sleep(0.3)  # let the server accept them
+            deadline = time.monotonic() + 10
+            while srv._httpd.connections < 4 and time.monotonic() < deadline:  # accepted, each on its thread
+                time.sleep(0.05)
             threads_before = threading.active_count()
             extra = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(20)]
             replies = []
