@@ -2,11 +2,12 @@
 
 The probes are the first few distinct text rows of the version (captions, notes,
 in segment_id order: the same probes for the same version), each searched in each
-of the version's other modalities (the best hits of each). Each hit carries a small JPEG thumbnail (the video
-frame at the hit's time, or the image) and, for audio hits, a WAV excerpt, both
-as data URIs. Embedding the probes needs the version's encoder (torch): when it
-cannot load, the report says why and shows no samples. A hit whose media cannot
-be read shows no thumbnail; nothing here fails the report.
+of the version's other modalities (the best hits of each). Each hit carries a
+small JPEG thumbnail (the video frame in the middle of the hit's segment, or the
+image) and, for audio hits, a WAV excerpt, both as data URIs. Embedding the
+probes needs the version's encoder (torch): when it cannot load, the report says
+why and shows no samples. A hit whose media cannot be read (or, on S3, is over
+MAX_FETCH_BYTES) shows no preview; nothing here fails the report.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ HITS_PER_PROBE = 2  # per searched modality
 THUMB_PX = 160
 AUDIO_EXCERPT_S = 4.0
 AUDIO_RATE_HZ = 16000
+MAX_FETCH_BYTES = 256 << 20  # objects on S3 are fetched whole for a preview: larger ones get none
 MAX_SEEK_FRAMES = 600  # frames decoded after a seek while looking for the hit's time
 
 
@@ -110,6 +112,9 @@ def add_media(result: ProbeResult) -> None:
         if hit.modality not in ("video", "image", "audio"):
             continue
         try:
+            if storage.is_s3(hit.uri) and storage.stat(hit.uri).size > MAX_FETCH_BYTES:
+                logger.info("report: no preview of %r: over %d bytes to fetch", hit.uri, MAX_FETCH_BYTES)
+                continue
             with storage.local_path(hit.uri) as path:
                 if hit.modality == "image":
                     hit.thumbnail = _jpeg(_open_image(path))
