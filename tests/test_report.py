@@ -419,3 +419,21 @@ def test_a_rerun_that_publishes_a_crashed_runs_version_says_so(tmp_path):
     data = rp.gather(str(tmp_path / "w"))
     assert data.version.version == "v000001" and data.version.published
     assert any("v000001 was built by run " in note and "this run did" in note for note in data.notes)
+
+
+def test_previews_fetch_objects_from_s3_only_under_the_size_cap(s3_bucket, tmp_path, monkeypatch):
+    from tests.media_factory import make_png
+    from xmodal_index.jobs import report_samples
+    from xmodal_index.jobs.report_samples import ProbeResult, SampleHit
+
+    uri = s3_bucket + "/img.png"
+    storage.put_file(str(make_png(tmp_path / "img.png")), uri)
+
+    def probe() -> SampleHit:
+        hit = SampleHit(uri=uri, modality="image", start_s=0.0, end_s=0.0, score=1.0, text=None)
+        report_samples.add_media(ProbeResult(query="q", searched=("image",), hits=[hit]))
+        return hit
+
+    assert probe().thumbnail.startswith("data:image/jpeg;base64,")
+    monkeypatch.setattr(report_samples, "MAX_FETCH_BYTES", 10)
+    assert probe().thumbnail is None
