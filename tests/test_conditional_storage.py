@@ -114,3 +114,17 @@ def test_local_writers_lock_a_hidden_sidecar_next_to_the_object(tmp_path):
 def test_an_unsupported_scheme_is_refused():
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         storage.create_if_absent("gs://bucket/LATEST", b"v1")
+
+
+def test_a_store_without_conditional_deletes_still_deletes_only_the_expected_version(s3_bucket, fault_proxy):
+    uri = s3_bucket + "/dir/LATEST"
+    first = storage.create_if_absent(uri, b"v1")
+    second = storage.replace_if_match(uri, b"v2", first)
+    fault_proxy.fail_next(1, status=501, code="NotImplemented", methods=("DELETE",))
+    with pytest.raises(PreconditionFailedError):
+        storage.delete_if_match(uri, first)  # answered NotImplemented: compared by a HEAD instead
+    assert storage.read_bytes(uri) == b"v2"
+    fault_proxy.fail_next(1, status=501, code="NotImplemented", methods=("DELETE",))
+    storage.delete_if_match(uri, second)
+    assert not storage.exists(uri)
+    assert fault_proxy.count("DELETE", 501) == 2
