@@ -122,7 +122,9 @@ def test_connections_over_the_cap_get_503_and_threads_stay_bounded(handle):
                 sock.close()
         assert all(r.startswith(b"HTTP/1.1 503") and b"max_connections=4" in r and b"Retry-After" in r
                    for r in replies), replies[0]
-        time.sleep(0.3)  # the idle connections' threads end
+        deadline = time.monotonic() + 10
+        while srv._httpd.connections > 0 and time.monotonic() < deadline:  # their threads end
+            time.sleep(0.05)
         assert request(srv.port, "GET", "/healthz")[0] == 200
 
 
