@@ -253,9 +253,12 @@ def put_conditional(uri: str, data: bytes, *, expected_version: str | None) -> s
     except botocore.exceptions.BotoCoreError as err:
         raise map_error(err, uri, "write") from err
     version = _etag(response.get("ETag"))
-    if _current_etag(uri) != version:
+    current = _current_etag(uri)
+    if current is None:
+        raise PreconditionFailedError(f"{uri} was deleted by a concurrent writer right after this write")
+    if version and current != version:
         raise PreconditionFailedError(f"{uri} was replaced by a concurrent writer")
-    return version
+    return version or current  # a store that answers a PUT without an ETag: the one read back
 
 
 def delete_conditional(uri: str, expected_version: str) -> None:
