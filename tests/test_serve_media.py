@@ -154,7 +154,7 @@ def test_real_uploads_decode_in_a_worker_process(handle, built):
 
 
 def test_an_upload_past_the_request_budget_is_stopped_and_its_worker_replaced(handle):
-    with serve(handle, request_timeout_s=1.5) as srv:
+    with serve(handle, request_timeout_s=3.0) as srv:
         for _ in range(20):  # real decodes until both workers are warm (starting one may take longer)
             first = upload(srv.port, "a.wav", b"RIFF")[0]
             if first == 400 and len(srv.media.pids) == 2:
