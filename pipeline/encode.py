@@ -35,6 +35,7 @@ from xmodal_index.encoders.loading import load_encoder
 from xmodal_index.pipeline.types import DeadLetter, Segment
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import segment_id
+from xmodal_index.sinks.workdir import Workdir
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class EncodeSegments(beam.PTransform):
         self._config = config
         self._run_id = run_id
         if workdir is not None:  # the checkpoint travels with the job (stage_checkpoint)
-            self._config = stage_checkpoint(config, workdir, storage.join(workdir, "runs", run_id, "encoder"))
+            self._config = stage_checkpoint(config, workdir, Workdir(workdir).staged_encoder(run_id))
 
     def expand(self, segments):
         handler = SegmentModelHandler(self._config, self._run_id)

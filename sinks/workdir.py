@@ -5,7 +5,8 @@ WORKDIR/
   embeddings/run_id=RUN_ID/part-*.parquet     embedding rows (sinks/schema.py)
   deadletter/run_id=RUN_ID/part-*.parquet     one row per failed input
   ledger/                                     what has been processed (sinks/ledger.py)
-  runs/RUN_ID/summary.json, config.json, worklist.jsonl, outcomes/part-*.jsonl
+  runs/RUN_ID/summary.json, config.json, worklist.jsonl, outcomes/part-*.jsonl,
+              encoder/ (the checkpoint staged for the DAG's workers)
   indexes/NAME/                               index versions and LATEST (sinks/index/)
   LEASE                                       the run lease (sinks/storage/lease.py)
 ```
@@ -38,6 +39,7 @@ SUMMARY = "summary.json"
 RUN_CONFIG = "config.json"
 WORKLIST = "worklist.jsonl"
 OUTCOMES = "outcomes"
+STAGED_ENCODER = "encoder"
 DEFAULT_INDEX_NAME = "main"
 
 _NAME = re.compile(r"[^/\\\x00]+")
@@ -113,6 +115,10 @@ class Workdir:
     def outcomes(self, run_id: str) -> str:
         """The folder of the per-item outcome parts (JSON lines) the DAG wrote."""
         return storage.join(self.run_dir(run_id), OUTCOMES)
+
+    def staged_encoder(self, run_id: str) -> str:
+        """Where a run stages its encoder checkpoint so that the DAG's workers can read it."""
+        return storage.join(self.run_dir(run_id), STAGED_ENCODER)
 
     # --------------------------------------------------------------- state
 
