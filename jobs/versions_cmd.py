@@ -132,7 +132,7 @@ def promote(version: str, index_uri: str, index_name: str) -> None:
     try:
         root = resolve_index_root(index_uri, index_name)
         with _workdir_lease(root, "promote") as lease:
-            state = publish.read_state(root)  # read under the lease: what the swap expects
+            state = publish.read_state(root, replace_unreadable=True)  # under the lease: what the swap expects
             result = publish.publish(root, version, expected=state, lease=lease, verify_sha256=True)
     except SinkError as err:
         _fail("promote", err)

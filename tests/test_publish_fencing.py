@@ -258,3 +258,21 @@ def test_on_object_storage_a_stale_publish_moves_nothing_and_numbers_only_grow(s
     assert invoke("gc", "--index", root, "--keep", "0").exit_code == 0
     assert mf.list_versions(root) == ["v000001"]  # the top numbers are free again
     assert Archive({"text": 40}, seed=4).build(root, CONFIG, publish=False).version == "v000004"
+
+
+@pytest.mark.parametrize("damage", ["junk", "symlink"])
+def test_promote_replaces_an_unreadable_latest(root, tmp_path, damage):
+    latest = root / "LATEST"
+    latest.unlink()
+    if damage == "junk":
+        latest.write_bytes(b"\x00not a version" * 100)
+    else:
+        outside = tmp_path / "outside.txt"
+        outside.write_text("keep me\n")
+        latest.symlink_to(outside)
+    assert invoke("versions", "--index", str(root)).exit_code == 1  # refused, not echoed
+    result = invoke("promote", "v000002", "--index", str(root))
+    assert result.exit_code == 0, result.output
+    assert mf.read_latest(str(root)) == "v000002" and not latest.is_symlink()
+    if damage == "symlink":
+        assert (tmp_path / "outside.txt").read_text() == "keep me\n"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from typing import Protocol
 
 from xmodal_index.sinks import storage
@@ -93,10 +94,20 @@ def latest_uri(index_root: str) -> str:
     return storage.join(index_root, seal.LATEST_NAME)
 
 
-def read_state(index_root: str) -> LatestState:
+def read_state(index_root: str, *, replace_unreadable: bool = False) -> LatestState:
     """LATEST with its version token, parsed strictly (bounded: a LATEST larger than
-    seal.MAX_RECORD_BYTES, or not a version record, raises IndexVersionError)."""
-    record = seal.read_latest_record(index_root)  # bounded, refuses symlinks and junk
+    seal.MAX_RECORD_BYTES, or not a version record, raises IndexVersionError).
+
+    replace_unreadable: instead, give an unreadable LATEST as "names nothing" with
+    its token, so that `promote` can replace it (still by compare-and-swap).
+    """
+    try:
+        record = seal.read_latest_record(index_root)  # bounded, refuses symlinks and junk
+    except IndexVersionError as err:
+        if not replace_unreadable:
+            raise
+        logger.warning("replacing an unreadable LATEST: %s", err)
+        return LatestState(None, _token_of_unreadable(latest_uri(index_root)))
     if record is None:
         return LatestState(None, None)
     try:
@@ -105,6 +116,24 @@ def read_state(index_root: str) -> LatestState:
         return LatestState(None, None)  # removed since: publishing creates it
     current = seal.parse_latest(data)
     return LatestState(current, token)
+
+
+def _token_of_unreadable(uri: str) -> str | None:
+    """The version token of a LATEST that does not parse (None when it is gone). A
+    local LATEST that is a symlink or not a regular file is unlinked first (its
+    target is never read), so the swap creates a plain file in its place."""
+    if not storage.is_s3(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            try:
+                os.unlink(path)
+            except OSError as err:
+                raise IndexVersionError(f"cannot remove the unreadable LATEST {uri!r}: {err.strerror}") from err
+            return None
+    try:
+        return storage.read_versioned(uri)[1]
+    except ObjectNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------- version numbers
