@@ -26,7 +26,7 @@ from xmodal_index.pipeline import captions
 from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, ProbeError, decode_item, segment_bounds
 from xmodal_index.pipeline.decode_segments import PARTIAL_OUTPUT_MARK, DecodeSegments
 from xmodal_index.pipeline.isolation import IsolatedDecoder
-from xmodal_index.pipeline.listing import list_items
+from xmodal_index.pipeline.listing import RefusedLink, list_items, refused_links
 from xmodal_index.pipeline.types import MediaItem, Segment
 
 CONFIG = DecodeConfig(**bm.CORPUS_DECODE)
@@ -46,10 +46,16 @@ def outcome_of(decoder: IsolatedDecoder, item: MediaItem) -> tuple[str, object]:
     return bm.INDEXED, segments
 
 
-def check(case: bm.Case, items: dict[str, MediaItem], decoder: IsolatedDecoder) -> list[Segment]:
+def check(case: bm.Case, items: dict[str, MediaItem], decoder: IsolatedDecoder,
+          refused: dict[str, RefusedLink]) -> list[Segment]:
     item = items.get(str(case.path))
     if case.outcome == bm.NOT_LISTED:
-        assert item is None, f"{case.name}: listed, but must not be"
+        assert item is None and str(case.path) not in refused, f"{case.name}: listed, but must not be"
+        return []
+    if case.outcome == bm.DEAD and case.stage == "list":
+        link = refused.get(str(case.path))
+        assert item is None and link is not None, f"{case.name}: not refused by the listing"
+        assert link.error_type == case.error and re.search(case.reason, link.reason), f"{case.name}: {link}"
         return []
     assert item is not None, f"{case.name}: not listed"
     outcome, result = outcome_of(decoder, item)
@@ -72,8 +78,9 @@ def test_each_bad_input_ends_as_documented(make, tmp_path, decoder):
     outside.mkdir()
     cases = make(src, outside)
     items = {i.uri: i for i in list_items(str(src))}
+    refused = {link.info.uri: link for link in refused_links(str(src))}
     for case in cases:
-        check(case, items, decoder)
+        check(case, items, decoder, refused)
     assert decoder.restarts == 0  # no input crashed or hung a worker
 
 
