@@ -102,3 +102,19 @@ def test_a_deletion_limit_in_the_config_lets_a_run_through(config, tmp_path):
     assert result.exit_code == 0, result.output
     assert mf.read_latest(str(work / "indexes" / "main")) == "v000002"
     assert "deleted 3 of 8 live items (37.5%), within max_deleted_fraction 0.5" in summaries(str(work))[-1]["gate"]
+
+
+def test_after_gc_frees_the_newest_number_the_next_run_takes_a_new_one(config, tmp_path):
+    src, work = tmp_path / "archive", tmp_path / "work"
+    make_archive(src)
+    root = str(work / "indexes" / "main")
+    assert invoke(*run_args(src, work, config)).exit_code == 0
+    make_png(src / "images" / "new-a.png", color=(200, 10, 10))
+    assert invoke(*run_args(src, work, config)).exit_code == 0
+    assert invoke("promote", "v000001", "--index", root).exit_code == 0  # a rollback
+    assert invoke("gc", "--index", root, "--keep", "0").exit_code == 0
+    assert mf.list_versions(root) == ["v000001"]
+    make_png(src / "images" / "new-b.png", color=(10, 200, 10))
+    result = invoke(*run_args(src, work, config))
+    assert result.exit_code == 0, result.output
+    assert mf.read_latest(root) == "v000003"  # v000002 named other content once: never again
