@@ -18,6 +18,7 @@ import tomllib
 from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.pipeline.decode_config import DecodeConfig
 from xmodal_index.pipeline.listing import SourceConfig
+from xmodal_index.sinks.index.compaction import IncrementalConfig
 from xmodal_index.sinks.index.config import IndexBuildConfig
 from xmodal_index.sinks.index.publish_gate import GateConfig
 
@@ -61,6 +62,7 @@ class RunConfig:
     index: IndexBuildConfig = IndexBuildConfig()
     run: JobConfig = JobConfig()
     gate: GateConfig = GateConfig()
+    incremental: IncrementalConfig = IncrementalConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,7 +78,7 @@ class RunConfig:
 
 _CLASSES = {"source": SourceConfig, "decode": DecodeConfig, "encoder": EncoderConfig, "index": IndexBuildConfig,
             "run": JobConfig,
-            "gate": GateConfig}
+            "gate": GateConfig, "incremental": IncrementalConfig}
 
 
 def _build(section: str, values: Mapping[str, Any]) -> Any:

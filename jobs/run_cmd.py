@@ -161,6 +161,9 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--runner", default="DirectRunner",
               help="Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...).")
 @click.option("--full", is_flag=True, help="Reprocess every selected input, even those the ledger says are unchanged.")
+@click.option("--rebuild-index", is_flag=True,
+              help="Build the index version from every live row, retraining its quantizers, even where an "
+                   "incremental version (delta shards and tombstones on LATEST, [incremental] policy) would do.")
 @click.option("--retry-failed", is_flag=True, help="Reprocess inputs that failed in earlier runs even if unchanged.")
 @click.option("--force", is_flag=True,
               help="Publish the new version even if the publish gate refuses it: recall or mAP regressed beyond [gate] "
@@ -198,8 +201,8 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--progress-every-s", type=click.FloatRange(min=0.1), default=DEFAULT_EVERY_S,
               help="Seconds between two plain progress lines when stderr is not a terminal (nightly logs).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(source, workdir, config_path, index_name, runner, full, retry_failed, force, prefix, since, until, segment_s,
-        max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
+def run(source, workdir, config_path, index_name, runner, full, rebuild_index, retry_failed, force, prefix, since, until,
+        segment_s, max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
         progress_every_s, beam_args):
     """Index the archive at SOURCE into WORKDIR and publish a new index version.
 
@@ -245,7 +248,8 @@ def run(source, workdir, config_path, index_name, runner, full, retry_failed, fo
     _s3_settings(s3_endpoint_url, s3_region, s3_profile)
     configure_progress(ProgressSettings(enabled=progress, every_s=progress_every_s))
     req = RunRequest(source=source, workdir=workdir, config=cfg, index_name=index_name, runner=runner,
-                     beam_args=tuple(beam_args), full=full, retry_failed=retry_failed, force=force,
+                     beam_args=tuple(beam_args), full=full, rebuild_index=rebuild_index, retry_failed=retry_failed,
+                     force=force,
                      show_progress=progress,
                      selection=selection, lease=LeaseConfig(ttl_s=lease_ttl, wait_s=wait_for_lease),
                      summary_out=summary_out)

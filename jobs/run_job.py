@@ -34,6 +34,7 @@ from xmodal_index.jobs.crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POI
 from xmodal_index.jobs.crash_points import crash_point as _crash_point
 from xmodal_index.jobs.crash_points import dag_crash_points as _dag_crash_points
 from xmodal_index.jobs.progress_display import run_progress
+from xmodal_index.jobs.run_index import build_index
 from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work, split_unrepresentable
 from xmodal_index.pipeline.dag import IndexArchive, item_to_json, read_worklist
 from xmodal_index.pipeline.types import MediaItem
@@ -43,7 +44,6 @@ from xmodal_index.sinks.embeddings_io import live_batches
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index import publish
-from xmodal_index.sinks.index.build import build_version
 from xmodal_index.sinks.index.publish_gate import GateConfig
 from xmodal_index.sinks.ledger import (
     LedgerEntry,
@@ -125,6 +125,7 @@ class RunRequest:
     runner: str = "DirectRunner"
     beam_args: tuple[str, ...] = ()
     full: bool = False
+    rebuild_index: bool = False  # a full index build even where an incremental version would do
     retry_failed: bool = False
     force: bool = False  # publish even when the publish gate finds a regression
     show_progress: bool = False
@@ -250,14 +251,16 @@ def _build_and_publish(req: RunRequest, summary: RunSummary, lease: Lease, encod
         echo("building index version ...")
         version = publish.reserve_version(index_root)
         with tempfile.TemporaryDirectory(prefix="xmodal-enc-") as tmp:
-            build_version(
-                live_batches(req.workdir, entries, encoder.model_id), index_root, model_id=encoder.model_id,
-                dim=encoder.dim, bits=encoder.bits, config=cfg.index, extra_files=_encoder_files(encoder, cfg, tmp),
+            decision = build_index(
+                index_root, current.version if current is not None else None, req.workdir, entries,
+                model_id=encoder.model_id, dim=encoder.dim, bits=encoder.bits, config=cfg.index,
+                policy=cfg.incremental, rebuild=req.rebuild_index, extra_files=_encoder_files(encoder, cfg, tmp),
                 metrics_extra={"run_id": summary.run_id, run_publish.SNAPSHOT_KEY: snapshot_name(snapshot),
                                run_publish.FINGERPRINT_KEY: content.fingerprint,
                                run_publish.FENCING_KEY: lease.generation},
-                version=version, publish=False, progress=upload_progress,
+                version=version, progress=upload_progress,
             )
+        echo(f"index {version}: {'incremental' if decision.incremental else 'full build'}: {decision.reason}")
     result = _publish(req.workdir, index_root, version, snapshot, lease, expected, cfg.gate, req.force, deletion)
     summary.gate = result.reason
     if result.published:

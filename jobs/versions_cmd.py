@@ -154,10 +154,25 @@ def plan_gc(index_root: str, keep: int) -> tuple[list[str], list[str]]:
             parent = None
         if parent:
             protected.add(parent)
+    protected |= referenced_versions(index_root, protected, names)
     newest = mf.version_number(names[-1]) if names else 0
     stale = [v for v in mf.incomplete_versions(index_root) if mf.version_number(v) < newest]
     delete = [v for v in names if v not in protected] + stale
     return sorted(delete, key=mf.version_number), [v for v in names if v in protected]
+
+
+def referenced_versions(index_root: str, kept: set[str], names: list[str]) -> set[str]:
+    """Versions holding files that ``kept`` versions list by ``origin`` (incremental
+    versions); every older version when a kept manifest cannot be read."""
+    out: set[str] = set()
+    for version in kept:
+        try:
+            manifest = mf.read_manifest(index_root, version)
+        except SinkError:
+            out.update(v for v in names if mf.version_number(v) < mf.version_number(version))
+            continue
+        out.update(e.origin for e in manifest.all_files() if e.origin)
+    return out
 
 
 @click.command(context_settings={"show_default": True})

@@ -90,22 +90,30 @@ def summaries(workdir: str) -> list[dict]:
 
 def index_contents(index_root: str, version: str | None = None) -> dict[int, tuple]:
     """segment_id -> (uri, etag, modality, start_s, end_s, float vector) of a version
-    (LATEST by default), read from its id maps and float shards."""
+    (LATEST by default), read from its id maps and float shards (files of older versions
+    where an entry names its origin; tombstoned rows left out)."""
     version = version or mf.read_latest(index_root)
     manifest = mf.read_manifest(index_root, version)
+    dead: set[int] = set()
+    if manifest.tombstones is not None:
+        with storage.local_path(mf.entry_uri(index_root, manifest, manifest.tombstones)) as path:
+            dead = set(np.load(path).tolist())
+    maps = {e.file: e for e in manifest.id_maps}
     rows: dict[int, tuple] = {}
     for shard in manifest.shards:
         if shard.kind != "float":
             continue
-        with storage.local_path(storage.join(index_root, version, shard.id_map)) as path:
+        with storage.local_path(mf.entry_uri(index_root, manifest, maps[shard.id_map])) as path:
             ids = pq.read_table(path).to_pylist()
-        with storage.local_path(storage.join(index_root, version, shard.file)) as path:
+        with storage.local_path(mf.entry_uri(index_root, manifest, shard)) as path:
             index = faiss.read_index(path)
         id_map = faiss.downcast_index(index)
         ids_in_index = faiss.vector_to_array(id_map.id_map)
         vectors = faiss.downcast_index(id_map.index).reconstruct_n(0, index.ntotal)
         by_id = {r["segment_id"]: r for r in ids}
         for sid, vec in zip(ids_in_index.tolist(), vectors):
+            if sid in dead:
+                continue
             r = by_id[sid]
             rows[sid] = (r["uri"], r["etag"], r["modality"], r["start_s"], r["end_s"], np.asarray(vec))
     return rows
