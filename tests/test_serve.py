@@ -13,11 +13,11 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
+from tests.latest_file import write_latest_unchecked
 from xmodal_index.jobs.cli import cli
 from xmodal_index.jobs.query_support import prepare_encoder
 from xmodal_index.jobs.server import QueryServer, ServerConfig
 from xmodal_index.pipeline.sample_archive import build_sample_archive
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
 
 HIT_FIELDS = {"uri", "modality", "start_s", "end_s", "score", "segment_id", "text"}
@@ -303,7 +303,7 @@ def tamper_copy(index_root, src: str, dst: str) -> None:
     data = bytearray((index_root / dst / shard).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (index_root / dst / shard).write_bytes(bytes(data))
-    mf.write_latest(str(index_root), dst)
+    write_latest_unchecked(str(index_root), dst)
 
 
 def test_serve_keeps_answering_while_a_new_version_is_swapped_in(tmp_path):
