@@ -86,10 +86,15 @@ def test_increments_search_like_a_full_build_of_the_live_rows(base, tmp_path):
         assert top_ids(inc, queries) == top_ids(ref, queries)
 
 
-def test_deleted_rows_are_never_returned_and_k_results_still_come_back(base):
-    root, _, ids, x = base
+@pytest.mark.parametrize("factory, selector", [("IVF8,Flat", True), ("Flat", True), ("HNSW16", False)])
+def test_deleted_rows_are_never_returned_and_k_results_still_come_back(tmp_path, factory, selector):
+    root = tmp_path / "idx"
+    batch, ids, x = rows(0, 400, seed=1)
+    full(root, [batch], factory, "BIVF4")
     build_increment(str(root), "v000001", [], deleted_ids=ids[:200])
     with IndexVersion.open(str(root), "v000002") as version:
+        shard = next(s for s in version._shards if s.entry.kind == "float")
+        assert (version._tombstones.search_params(shard.index, shard.entry.id_map) is not None) == selector
         for hits in version.search(x[:20], 10):  # each query is a deleted row's own vector
             assert len(hits) == 10
             assert not {h.segment_id for h in hits} & set(ids[:200].tolist())

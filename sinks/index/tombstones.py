@@ -4,10 +4,12 @@ A tombstone file is an .npy array of sorted, unique little-endian int64 segment 
 listed in the manifest as ``tombstones: {file, sha256, bytes, count}`` (and verified
 with the version's other files). Needs only numpy: query nodes load it.
 
-Searching with tombstones: each shard is asked for ``k`` plus the number of its rows
-that are tombstoned, and tombstoned ids are dropped before the merge, so every shard
-still contributes its best ``k`` live rows (exact indexes: exactly what a version
-built without those rows returns).
+Searching with tombstones: a float shard whose index takes a FAISS id selector (IVF,
+IDMap over a flat index, HNSW) is searched with ``IDSelectorNot(IDSelectorBatch(its
+tombstoned ids))``; any other shard (binary, re-ranked, two-stage) is asked for ``k``
+plus the number of its rows that are tombstoned. Tombstoned ids are dropped before
+the merge either way, so every shard still contributes its best ``k`` live rows
+(exact indexes: exactly what a version built without those rows returns).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import faiss
 import numpy as np
 
 from xmodal_index.sinks.errors import IndexVersionError
@@ -39,11 +42,25 @@ def read_tombstones(path: str, count: int | None = None, name: str = "tombstones
 @dataclasses.dataclass
 class Tombstones:
     ids: np.ndarray  # sorted int64
-    per_id_map: dict[str, int]  # tombstoned rows of each id map (= of each of its shards)
+    per_id_map: dict[str, np.ndarray]  # tombstoned ids of each id map (= of each of its shards)
+    _params: dict[int, Any] = dataclasses.field(default_factory=dict)  # id(index) -> (params, selectors)
 
     def extra(self, id_map: str) -> int:
-        """How many more rows than k a shard of ``id_map`` must return."""
-        return self.per_id_map.get(id_map, 0)
+        """How many more rows than k a shard of ``id_map`` must return (without a selector)."""
+        dead = self.per_id_map.get(id_map)
+        return 0 if dead is None else len(dead)
+
+    def search_params(self, index: Any, id_map: str) -> Any:
+        """FAISS search parameters that skip the shard's tombstoned ids (with the
+        index's own nprobe / efSearch), or None: then over-fetch by ``extra``."""
+        dead = self.per_id_map.get(id_map)
+        if dead is None:
+            return None
+        key = id(index)
+        if key not in self._params:
+            self._params[key] = _selector_params(index, dead)
+        found = self._params[key]
+        return None if found is None else found[0]
 
     def dead(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask: which of ``ids`` are tombstoned."""
@@ -51,6 +68,23 @@ class Tombstones:
             return np.zeros(ids.shape, bool)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return self.ids[pos] == ids
+
+
+def _selector_params(index: Any, dead: np.ndarray) -> tuple[Any, ...] | None:
+    batch = faiss.IDSelectorBatch(dead)
+    sel = faiss.IDSelectorNot(batch)
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(index)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))
+    elif isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)) and isinstance(
+            faiss.downcast_index(inner.index), faiss.IndexFlat):
+        params = faiss.SearchParameters(sel=sel)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(inner.hnsw.efSearch))
+    else:
+        return None
+    return params, sel, batch  # the selectors live as long as the parameters
 
 
 def load(manifest: Any, paths: Mapping[str, str], id_maps: Mapping[str, Any]) -> Tombstones | None:
@@ -61,13 +95,13 @@ def load(manifest: Any, paths: Mapping[str, str], id_maps: Mapping[str, Any]) ->
         return None
     count = int(manifest.extra["tombstones"]["count"])
     ids = read_tombstones(paths[entry.file], count, entry.file)
-    per: dict[str, int] = {}
+    per: dict[str, np.ndarray] = {}
     found = 0
     for name, id_map in id_maps.items():
-        n = int(np.isin(id_map.ids, ids, assume_unique=True).sum())
-        if n:
-            per[name] = n
-            found += n
+        dead = id_map.ids[np.isin(id_map.ids, ids, assume_unique=True)]
+        if len(dead):
+            per[name] = dead
+            found += len(dead)
     if found != len(ids):
         raise IndexVersionError(f"version {manifest.version}: {len(ids) - found} tombstoned segment ids are not "
                                 "rows of the version; refusing it")

@@ -372,10 +372,13 @@ class IndexVersion:
         def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
             rerank = int(shard.entry.search_params.get(RERANK_PARAM, 0))
             vectors = self._id_maps[shard.entry.id_map].vectors
-            kk = k + self._extra(shard)
             if rerank > 1 and vectors is not None:
-                return rerank_search(shard.index, queries, kk, rerank, vectors)
-            return shard.index.search(queries, kk)
+                return rerank_search(shard.index, queries, k + self._extra(shard), rerank, vectors)
+            params = None if self._tombstones is None else self._tombstones.search_params(shard.index,
+                                                                                          shard.entry.id_map)
+            if params is not None:
+                return shard.index.search(queries, k, params=params)
+            return shard.index.search(queries, k + self._extra(shard))
         return fn
 
     def _extra(self, shard: _Shard) -> int:
