@@ -75,7 +75,12 @@ def _write_part(path: str, lo: int, hi: int, dim: int, bits: int, seed: int) -> 
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS since its exec (VmHWM; ru_maxrss would carry the parent's over)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln.split()[1] for ln in f if ln.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(argv: list[str]) -> None:
