@@ -131,11 +131,10 @@ class QueryIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from xmodal_index.sinks.serving import cache
-
         tables = []
         for entry in self.manifest.id_maps:
-            table = pq.read_table(cache.file_path(self._version.local_dir, entry.file))
+            table = pq.read_table(self._version.listed_path(entry.file))
+            table = table.filter(pa.array(~self._version.tombstoned(table.column("segment_id").to_numpy())))
             tables.append(table.drop_columns([c for c in table.column_names if c == "vector_row"]))
         if not tables:
             return pa.table({})
@@ -271,14 +270,13 @@ class QueryIndex:
 
     def _vector_samples(self) -> dict[str, np.ndarray]:
         from xmodal_index.sinks.errors import SinkError
-        from xmodal_index.sinks.serving import cache
 
         by_modality: dict[str, list[np.ndarray]] = {}
         for shard in self.manifest.shards:
             if shard.kind != "float" or not shard.vectors:
                 continue
             try:
-                vectors = np.load(cache.file_path(self._version.local_dir, shard.vectors), mmap_mode="r",
+                vectors = np.load(self._version.listed_path(shard.vectors), mmap_mode="r",
                                   allow_pickle=False)
             except (OSError, ValueError, SinkError):
                 return {}

@@ -208,3 +208,48 @@ def test_cached_objects_are_dropped_once_no_cached_version_links_them(base, tmp_
     objects = os.path.join(cache.index_cache_dir(str(root), cache_dir), "objects")
     listed = {f.sha256 for f in mf.read_manifest(str(root), "v000003").all_files()}
     assert set(os.listdir(objects)) == listed
+
+
+def test_increments_on_object_storage_fetch_only_what_they_add(s3_bucket, tmp_path, monkeypatch):
+    root = f"{s3_bucket}/indexes/main"
+    batch, ids, x = rows(0, 300, seed=1)
+    full(root, [batch], "IVF8,Flat", "BIVF4")
+    new, _, x1 = rows(1000, 30, seed=2)
+    manifest = build_increment(root, "v000001", [new], deleted_ids=ids[:5])
+    assert {o.uri.rsplit("/", 1)[-1] for o in storage.list_objects(f"{root}/v000002")} == {
+        f.file for f in manifest.all_files() if not f.origin} | {"manifest.json", "SEAL"}
+    cache_dir = str(tmp_path / "cache")
+    IndexVersion.open(root, "v000001", cache_dir=cache_dir).close()
+    fetched: list[int] = []
+    real = cache.fetch_verified
+    monkeypatch.setattr(cache, "fetch_verified", lambda uri, dest, entry, version: (
+        fetched.append(entry.bytes), real(uri, dest, entry, version))[1])
+    with IndexVersion.open(root, "v000002", cache_dir=cache_dir) as version:
+        assert top_ids(version, x1[:3], 1) == [[1000], [1001], [1002]]
+        assert all(h.segment_id >= 5 for hits in version.search(x[:5], 10) for h in hits)
+    assert sum(fetched) == sum(f.bytes for f in manifest.all_files() if not f.origin)
+
+
+def test_an_increment_serves_the_parents_extra_files(tmp_path):
+    root = tmp_path / "idx"
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights")
+    batch, _, _ = rows(0, 100, seed=1)
+    config = IndexBuildConfig(float_factory="Flat", binary_factory="BFlat", recall_sample=10)
+    build_version(lambda: iter([batch]), str(root), model_id=MODEL, dim=DIM, bits=BITS, config=config,
+                  extra_files={"model.safetensors": str(checkpoint)}, publish=False)
+    build_increment(str(root), "v000001", [rows(1000, 10, seed=2)[0]])
+    for cache_dir in (None, str(tmp_path / "cache")):
+        with IndexVersion.open(str(root), "v000002", cache_dir=cache_dir) as version:
+            with open(version.file_path("model.safetensors"), "rb") as f:
+                assert f.read() == b"weights"
+
+
+def test_the_query_core_lists_the_live_rows_of_an_increment(base):
+    from xmodal_index.query.core import QueryIndex
+
+    root, *_ = base
+    build_increment(str(root), "v000001", [rows(1000, 10, seed=2)[0]], deleted_ids=[0, 1, 2])
+    with QueryIndex.open(str(root), version="v000002") as index:
+        ids = index.to_arrow().column("segment_id").to_pylist()
+    assert ids == list(range(3, 400)) + list(range(1000, 1010))

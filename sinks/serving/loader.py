@@ -150,6 +150,7 @@ class IndexVersion:
     """One verified, loaded index version. Use ``IndexVersion.open``."""
 
     _tombstones: tombstones.Tombstones | None = None  # incremental versions: ids searches skip
+    _paths: dict[str, str] | None = None  # file name -> verified local path (origin files: their version's)
 
     def __init__(self, index_root: str, manifest: mf.Manifest, local_dir: str,
                  shards: list[_Shard], id_maps: dict[str, _IdMap], digest: str | None = None,
@@ -209,6 +210,7 @@ class IndexVersion:
             shards, id_maps = cls._load(local_dir, manifest, paths)
             opened = cls(index_root, manifest, local_dir, shards, id_maps, digest=digest, held=True)
             opened._tombstones = tombstones.load(manifest, paths, id_maps)
+            opened._paths = paths
         except BaseException:
             cache.release(local_dir)
             raise
@@ -289,12 +291,22 @@ class IndexVersion:
         apply_search_params(index, entry.search_params or manifest.search_params, binary)
         return index
 
+    def listed_path(self, name: str) -> str:
+        """Local path of any verified file the manifest lists (files of an older version
+        that an entry names by ``origin`` included)."""
+        return (self._paths or {}).get(name) or cache.file_path(self.local_dir, name)
+
+    def tombstoned(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``ids`` this (incremental) version deleted; its id maps still hold them."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.zeros(ids.shape, bool) if self._tombstones is None else self._tombstones.dead(ids)
+
     def file_path(self, name: str) -> str:
         """Local path of a verified extra file of this version (e.g. "model.safetensors")."""
         if name not in {f.file for f in self.manifest.files}:
             listed = [f.file for f in self.manifest.files]
             raise IndexVersionError(f"version {self.version} has no extra file {name!r}; it has {listed}")
-        return cache.file_path(self.local_dir, name)
+        return (self._paths or {}).get(name) or cache.file_path(self.local_dir, name)
 
     # ------------------------------------------------------------ search
 
