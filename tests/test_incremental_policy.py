@@ -87,3 +87,12 @@ def test_the_policy_refuses_bad_values_with_their_name():
         IncrementalConfig(max_delta_fraction=1.5)
     with pytest.raises(ValueError, match="max_deltas"):
         IncrementalConfig(max_deltas=-1)
+
+
+def test_the_job_config_takes_an_incremental_table():
+    from xmodal_index.jobs.config import ConfigError, config_from_mapping
+
+    assert config_from_mapping({"incremental": {"max_deltas": 4, "enabled": False}}).incremental == IncrementalConfig(
+        max_deltas=4, enabled=False)
+    with pytest.raises(ConfigError, match=r"\[incremental\] .*max_tombstone_fraction"):
+        config_from_mapping({"incremental": {"max_tombstone_fraction": 2.0}})
