@@ -253,3 +253,31 @@ def test_the_query_core_lists_the_live_rows_of_an_increment(base):
     with QueryIndex.open(str(root), version="v000002") as index:
         ids = index.to_arrow().column("segment_id").to_pylist()
     assert ids == list(range(3, 400)) + list(range(1000, 1010))
+
+
+def test_a_delta_measures_its_recall_on_its_own_rows(tmp_path):
+    import faiss
+
+    from xmodal_index.sinks.index.incremental import delta_recall
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64) + 50
+    index = faiss.index_factory(DIM, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    faiss.extract_index_ivf(index).nprobe = 64
+    assert delta_recall(index, x, ids) == 1.0
+    faiss.extract_index_ivf(index).nprobe = 1
+    assert delta_recall(index, x, ids) < 0.7
+    assert delta_recall(index, x[:50], ids[:50]) is None  # too few rows to measure
+    manifest = build_increment(*_increment_args(tmp_path))
+    delta = next(s for s in manifest.shards if s.file.startswith("delta-") and s.kind == "float")
+    assert delta.recall_at_10 == 1.0  # IVF8 searched with nprobe = nlist: exact
+
+
+def _increment_args(tmp_path):
+    root = tmp_path / "idx"
+    full(root, [rows(0, 400, seed=1)[0]], "IVF8,Flat", "BIVF4")
+    return str(root), "v000001", [rows(1000, 300, seed=2)[0]]

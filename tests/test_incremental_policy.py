@@ -17,18 +17,19 @@ def _shard(file: str, n: int, kind: str, modality: str = "video") -> mf.ShardEnt
                          id_map=file + ".ids")
 
 
-def parent(*, deltas: int = 0, delta_rows: int = 0, tombstones: int = 0, base_rows: int = 1000) -> mf.Manifest:
+def parent(*, deltas: int = 0, delta_rows: int = 0, tombstones: int = 0, base_rows: int = 1000,
+           delta_recall: float | None = None) -> mf.Manifest:
     shards = [_shard("shard-video-0", base_rows, "float"), _shard("shard-video-0", base_rows, "binary")]
     if delta_rows:
-        shards += [_shard("delta-v000002-video", delta_rows, "float"), _shard("delta-v000002-video", delta_rows,
-                                                                                 "binary")]
+        shards += [dataclasses.replace(_shard("delta-v000002-video", delta_rows, "float"), recall_at_10=delta_recall),
+                   _shard("delta-v000002-video", delta_rows, "binary")]
     extra = {"delta_count": deltas}
     if tombstones:
         extra["tombstones"] = {"file": "t.npy", "sha256": "0" * 64, "bytes": 8 * tombstones, "count": tombstones}
     return mf.Manifest(version="v000003", created_at="2026-01-01T00:00:00Z", parent_version="v000002",
                        model_id="m@1", dim=16, bits=32, metric="ip", index_factory={"float": "Flat", "binary": "BFlat"},
                        shards=tuple(shards), id_maps=(), files=(), ntotal=base_rows + delta_rows - tombstones,
-                       metrics={}, search_params={}, extra=extra)
+                       metrics={}, search_params={}, build_config={"recall_target": 0.95}, extra=extra)
 
 
 def decide(p=None, **changes):
@@ -96,3 +97,9 @@ def test_the_job_config_takes_an_incremental_table():
         max_deltas=4, enabled=False)
     with pytest.raises(ConfigError, match=r"\[incremental\] .*max_tombstone_fraction"):
         config_from_mapping({"incremental": {"max_tombstone_fraction": 2.0}})
+
+
+def test_a_delta_whose_recall_fell_below_the_target_means_drift_and_retrains():
+    assert decide(parent(delta_rows=50, delta_recall=0.91)).incremental  # within drift_recall_margin 0.05
+    decision = decide(parent(delta_rows=50, delta_recall=0.85))
+    assert not decision.incremental and "drift" in decision.reason

@@ -25,12 +25,16 @@ class IncrementalConfig:
       the run compacts (deltas are not re-tuned and fragment the search).
     max_tombstone_fraction: share of the shards' rows that are tombstoned above
       which the run compacts (searches over-fetch by the tombstones of a shard).
+    drift_recall_margin: a delta's recall@10, measured on its own rows when it is
+      built (the parent's quantizers on the new data), below the build's
+      recall_target less this margin means the data drifted: the next run retrains.
     """
 
     enabled: bool = True
     max_deltas: int = 16
     max_delta_fraction: float = 0.2
     max_tombstone_fraction: float = 0.1
+    drift_recall_margin: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_deltas < 0:
@@ -39,6 +43,8 @@ class IncrementalConfig:
             raise ValueError(f"{self.max_delta_fraction = } must be within [0, 1]")
         if not 0.0 <= self.max_tombstone_fraction <= 1.0:
             raise ValueError(f"{self.max_tombstone_fraction = } must be within [0, 1]")
+        if not 0.0 <= self.drift_recall_margin <= 1.0:
+            raise ValueError(f"{self.drift_recall_margin = } must be within [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,12 @@ def decide_build(parent: Any, *, model_id: str, dim: int, bits: int, metric: str
     missing = sorted(set(modalities) - set(parent.modalities))
     if missing:
         return full(f"modality {missing[0]} is new: it has no trained index to add to")
+    target = float((parent.build_config or {}).get("recall_target", 0.0))
+    measured = [s.recall_at_10 for s in parent.shards
+                if s.kind == "float" and s.file.startswith(DELTA_PREFIX) and s.recall_at_10 is not None]
+    if measured and min(measured) < target - config.drift_recall_margin:
+        return full(f"drift: a delta's recall@10 {min(measured):.3f} is below recall_target {target} less "
+                    f"drift_recall_margin {config.drift_recall_margin}; retraining")
     deltas = int(parent.extra.get("delta_count", 0)) + (1 if added_rows else 0)
     if deltas > config.max_deltas:
         return full(f"compaction: {deltas} deltas would exceed max_deltas {config.max_deltas}")

@@ -45,6 +45,8 @@ from xmodal_index.sinks.errors import ChecksumMismatchError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.config import IndexBuildError
 from xmodal_index.sinks.index.publish import publish_unfenced, reserve_version
+from xmodal_index.sinks.index.recall import RECALL_K
+from xmodal_index.sinks.index.search import apply_search_params
 from xmodal_index.sinks.index.shard import id_map_table
 from xmodal_index.sinks.index.tombstones import read_tombstones
 
@@ -54,6 +56,8 @@ TOMBSTONES_KEY = "tombstones"
 BASE_VERSION_KEY = "base_version"
 DELTA_COUNT_KEY = "delta_count"
 _MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP", 0) | faiss.IO_FLAG_READ_ONLY
+DRIFT_QUERIES = 200  # delta rows whose neighbours measure the delta's recall@10 (drift)
+DRIFT_MIN_ROWS = 100  # smaller deltas are not measured
 
 
 class IncrementalError(IndexBuildError):
@@ -197,13 +201,36 @@ def _new_rows(batches: Iterable[pa.RecordBatch], known: np.ndarray, deleted: np.
     return out, np.unique(np.concatenate(again)) if again else np.zeros(0, np.int64)
 
 
-def _write_delta(stem: str, rows: _Rows, float_index: Any, binary_index: Any, tmp: str
-                 ) -> tuple[dict[str, str], int]:
+def delta_recall(index: Any, x: np.ndarray, ids: np.ndarray, seed: int = 0) -> float | None:
+    """recall@10 of ``index`` (holding ``x`` as ``ids``) for up to DRIFT_QUERIES of its own
+    rows against exact search among them, each query's own row left out; None below
+    DRIFT_MIN_ROWS rows. Where the parent's quantizers fit the new rows poorly (drift),
+    it drops below what the base build measured."""
+    if len(ids) < DRIFT_MIN_ROWS:
+        return None
+    pick = np.random.default_rng(seed).choice(len(ids), min(DRIFT_QUERIES, len(ids)), replace=False)
+    queries = np.ascontiguousarray(x[pick])
+    _, exact = faiss.knn(queries, x, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    _, found = index.search(queries, RECALL_K + 1)
+    hits = total = 0
+    for q, row in enumerate(pick):
+        me = int(ids[row])
+        want = [int(i) for i in ids[exact[q]] if i != me][:RECALL_K]
+        got = [int(i) for i in found[q] if i >= 0 and i != me][:RECALL_K]
+        hits += len(set(want) & set(got))
+        total += len(want)
+    return round(hits / total, 4)
+
+
+def _write_delta(stem: str, rows: _Rows, float_index: Any, binary_index: Any, tmp: str,
+                 search_params: dict[str, int]) -> tuple[dict[str, str], int, float | None]:
     ids = np.concatenate(rows.ids).astype(np.int64)
     x = np.ascontiguousarray(np.concatenate(rows.x), dtype=np.float32)
     codes = np.ascontiguousarray(np.concatenate(rows.codes))
     float_index.add_with_ids(x, ids)
     binary_index.add_with_ids(codes, ids)
+    apply_search_params(float_index, search_params, False)
+    recall = delta_recall(float_index, x, ids)
     files = {kind: os.path.join(tmp, f"{stem}.{kind}.faiss") for kind in mf.SHARD_KINDS}
     files["ids"] = os.path.join(tmp, f"{stem}.ids.parquet")
     files["vectors"] = os.path.join(tmp, f"{stem}.vectors.npy")
@@ -213,7 +240,7 @@ def _write_delta(stem: str, rows: _Rows, float_index: Any, binary_index: Any, tm
     table = pa.concat_tables(rows.id_maps)
     table = table.append_column(mf.VECTOR_ROW_COLUMN, pa.array(np.arange(len(ids), dtype=np.int64)))
     pq.write_table(table.sort_by("segment_id"), files["ids"], compression="zstd")
-    return files, len(ids)
+    return files, len(ids), recall
 
 
 def build_increment(
@@ -258,7 +285,8 @@ def build_increment(
         for modality in sorted(rows):
             float_entry, float_index, binary_entry, binary_index = source.empty_indexes(modality)
             stem = f"delta-{version}-{modality}"
-            files, n = _write_delta(stem, rows[modality], float_index, binary_index, tmp)
+            files, n, recall = _write_delta(stem, rows[modality], float_index, binary_index, tmp,
+                                            dict(float_entry.search_params))
             added += n
             ids_entry = mf.FileEntry.of_local(files["ids"], os.path.basename(files["ids"]))
             vec_entry = mf.FileEntry.of_local(files["vectors"], os.path.basename(files["vectors"]))
@@ -271,7 +299,7 @@ def build_increment(
                 shards.append(mf.ShardEntry(
                     file=entry.file, sha256=entry.sha256, bytes=entry.bytes, ntotal=n, modality=modality, kind=kind,
                     id_map=ids_entry.file, factory=like.factory, search_params=dict(like.search_params),
-                    recall_at_10=None, vectors=vec_entry.file))
+                    recall_at_10=recall if kind == "float" else None, vectors=vec_entry.file))
         extra: dict[str, Any] = {BASE_VERSION_KEY: base_version(parent),
                                  DELTA_COUNT_KEY: delta_count(parent) + (1 if added else 0)}
         if len(dead):
