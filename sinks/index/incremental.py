@@ -129,6 +129,8 @@ class _Parent:
 
 def _empty_copy(path: str, binary: bool) -> Any:
     """A trained index without vectors, like the one at ``path`` (its lists never copied)."""
+    index: Any
+    empty: Any
     if binary:
         index = faiss.read_index_binary(path)
         empty = faiss.deserialize_index_binary(faiss.serialize_index_binary(index))
@@ -313,7 +315,7 @@ def build_increment(
                 local[entry.file] = path
                 extra[TOMBSTONES_KEY] = {**entry.to_dict(), "count": int(len(dead))}
         ntotal = len(known) + added - len(dead)
-        stats = {
+        stats: dict[str, Any] = {
             "incremental": {"parent": parent.version, "added": added,
                             "deleted": int(len(np.setdiff1d(dead, dead_before))),
                             "revived": int(len(revived)), "tombstones": int(len(dead)),

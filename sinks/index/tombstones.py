@@ -75,13 +75,14 @@ def _selector_params(index: Any, dead: np.ndarray) -> tuple[Any, ...] | None:
     sel = faiss.IDSelectorNot(batch)
     ivf = faiss.try_extract_index_ivf(index)
     inner = faiss.downcast_index(index)
+    params: Any
     if ivf is not None:
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))  # type: ignore[call-arg]
     elif isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)) and isinstance(
             faiss.downcast_index(inner.index), faiss.IndexFlat):
-        params = faiss.SearchParameters(sel=sel)
+        params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
     elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(inner.hnsw.efSearch))
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(inner.hnsw.efSearch))  # type: ignore[attr-defined]
     else:
         return None
     return params, sel, batch  # the selectors live as long as the parameters
