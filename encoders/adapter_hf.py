@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from xmodal_index.encoders.adapters import (
+from .adapters import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImagePreprocess,
@@ -31,8 +31,8 @@ from xmodal_index.encoders.adapters import (
     resample,
     resolve_device,
 )
-from xmodal_index.encoders.base import AUDIO_SAMPLE_RATE, CheckpointError
-from xmodal_index.encoders.config import EncoderConfig
+from .base import AUDIO_SAMPLE_RATE, CheckpointError
+from .config import EncoderConfig
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from xmodal_index.encoders.adapters import (
+from .adapters import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImagePreprocess,
@@ -29,8 +29,8 @@ from xmodal_index.encoders.adapters import (
     import_optional,
     resolve_device,
 )
-from xmodal_index.encoders.base import CheckpointError
-from xmodal_index.encoders.config import EncoderConfig
+from .base import CheckpointError
+from .config import EncoderConfig
 
 logger = logging.getLogger(__name__)
 

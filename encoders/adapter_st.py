@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.encoders.base import CheckpointError, EncodedBatch, EncoderError, UnsupportedModalityError
-from xmodal_index.encoders.hashing import RandomProjectionHash
+from .base import CheckpointError, EncodedBatch, EncoderError, UnsupportedModalityError
+from .hashing import RandomProjectionHash
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class SentenceTransformerText:
     """A sentence-transformers model: texts -> L2-normalised float32 (N, dim)."""
 
     def __init__(self, text_model: str, *, device: str = "cpu", batch_size: int = 64) -> None:
-        from xmodal_index.encoders.adapters import import_optional, weights_digest
+        from .adapters import import_optional, weights_digest
 
         model_dir = resolve_model_dir(text_model)
         weights = sorted(model_dir.rglob("*.safetensors"))

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xmodal_index.encoders.adapters import (
+from .adapters import (
     ImagePreprocess,
     PretrainedAdapter,
     centre_crop,
@@ -54,8 +54,8 @@ from xmodal_index.encoders.adapters import (
     resample,
     resolve_device,
 )
-from xmodal_index.encoders.base import AUDIO_SAMPLE_RATE, CheckpointError, EncoderError
-from xmodal_index.encoders.config import EncoderConfig
+from .base import AUDIO_SAMPLE_RATE, CheckpointError, EncoderError
+from .config import EncoderConfig
 
 DEFAULT_FILE = "model.pt"
 SIDECAR_MODALITIES = ("image", "audio", "text")

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xmodal_index.encoders.base import (
+from .base import (
     MODALITIES,
     CheckpointError,
     EncodedBatch,
@@ -55,9 +55,9 @@ from xmodal_index.encoders.base import (
     UnsupportedModalityError,
     l2_normalize,
 )
-from xmodal_index.encoders.config import EncoderConfig
-from xmodal_index.encoders.hashing import RandomProjectionHash
-from xmodal_index.encoders.signal import resample as resample  # the one resampler, re-exported
+from .config import EncoderConfig
+from .hashing import RandomProjectionHash
+from .signal import resample as resample  # the one resampler, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +76,19 @@ def load_adapter(config: EncoderConfig) -> PretrainedAdapter:
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.kind == "torchscript":
-        from xmodal_index.encoders.adapter_torchscript import TorchScriptAdapter
+        from .adapter_torchscript import TorchScriptAdapter
 
         return TorchScriptAdapter(config)
     if config.kind == "hf_clip":
-        from xmodal_index.encoders.adapter_hf import HfClipAdapter
+        from .adapter_hf import HfClipAdapter
 
         return HfClipAdapter(config)
     if config.kind == "hf_clap":
-        from xmodal_index.encoders.adapter_hf import HfClapAdapter
+        from .adapter_hf import HfClapAdapter
 
         return HfClapAdapter(config)
     if config.kind == "open_clip":
-        from xmodal_index.encoders.adapter_openclip import OpenClipAdapter
+        from .adapter_openclip import OpenClipAdapter
 
         return OpenClipAdapter(config)
     raise EncoderError(f"encoder kind {config.kind!r} is not an adapter (torchscript, hf_clip, hf_clap, open_clip)")

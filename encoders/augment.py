@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal_index.encoders.base import AUDIO_SAMPLE_RATE
-from xmodal_index.encoders.frontends import resize_grey, standardize_grey
-from xmodal_index.encoders.tri_modal import TRAIN_TEMPLATES, resample, spell
+from .base import AUDIO_SAMPLE_RATE
+from .frontends import resize_grey, standardize_grey
+from .tri_modal import TRAIN_TEMPLATES, resample, spell
 
 
 @dataclasses.dataclass(frozen=True)

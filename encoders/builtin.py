@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from xmodal_index.encoders.base import (
+from .base import (
     MODALITIES,
     CheckpointError,
     EncodedBatch,
@@ -31,9 +31,9 @@ from xmodal_index.encoders.base import (
     l2_normalize,
     sign_codes,
 )
-from xmodal_index.encoders.config import BUNDLED_CHECKPOINT, EncoderConfig
-from xmodal_index.encoders.frontends import AudioFrontend, image_features, text_features
-from xmodal_index.encoders.towers import CrossModalNet, ModelConfig
+from .config import BUNDLED_CHECKPOINT, EncoderConfig
+from .frontends import AudioFrontend, image_features, text_features
+from .towers import CrossModalNet, ModelConfig
 
 logger = logging.getLogger(__name__)
 

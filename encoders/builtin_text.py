@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.encoders.base import (
+from .base import (
     CheckpointError,
     EncodedBatch,
     EncoderError,
@@ -29,7 +29,7 @@ from xmodal_index.encoders.base import (
     l2_normalize,
     sign_codes,
 )
-from xmodal_index.encoders.text_grams import TextFrontendConfig, text_ngrams
+from .text_grams import TextFrontendConfig, text_ngrams
 
 _DEEP_KEYS = ("text.bag.weight", "text.mlp.1.weight", "text.mlp.1.bias", "text.mlp.3.weight", "text.mlp.3.bias")
 _LINEAR_KEYS = ("text.bag.weight", "text.bias")

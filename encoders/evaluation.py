@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from xmodal_index.encoders.training import TrainingSet
-    from xmodal_index.encoders.tri_modal import AudioClips, DigitImages
+    from .training import TrainingSet
+    from .tri_modal import AudioClips, DigitImages
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -139,7 +139,7 @@ def evaluate_encoder(
 
 def benchmark_protocol(image_test_fraction: float, split_seed: int) -> str:
     """The protocol stated beside every number of the tri-modal digits benchmark."""
-    from xmodal_index.encoders.tri_modal import EVAL_TEMPLATES
+    from .tri_modal import EVAL_TEMPLATES
 
     return (
         "mAP over the full ranking of the database (relevant = same digit), per query->database direction; "
@@ -159,8 +159,8 @@ def fold_sets(
     audio: "AudioClips", images: "DigitImages", holdout: str, image_test_fraction: float = 0.5, split_seed: int = 0
 ) -> tuple["TrainingSet", dict[str, ModalitySet]]:
     """Training data (other speakers, train images) and test sets (held-out speaker, test images, words)."""
-    from xmodal_index.encoders.training import TrainingSet
-    from xmodal_index.encoders.tri_modal import digit_texts
+    from .training import TrainingSet
+    from .tri_modal import digit_texts
 
     if holdout not in set(audio.speakers.tolist()):
         raise ValueError(f"held-out speaker {holdout!r} is not one of {speaker_folds(audio.speakers)}")

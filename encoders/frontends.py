@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal_index.encoders.base import AUDIO_SAMPLE_RATE, EncoderError
-from xmodal_index.encoders.text_grams import TextFrontendConfig, text_ngrams  # noqa: F401 - re-exported
+from .base import AUDIO_SAMPLE_RATE, EncoderError
+from .text_grams import TextFrontendConfig, text_ngrams  # noqa: F401 - re-exported
 
 
 class FrontendError(EncoderError):

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from xmodal_index.encoders.base import EncoderError, sign_codes
+from .base import EncoderError, sign_codes
 
 _MAX_SEED = 2**32 - 1
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from xmodal_index.encoders.base import CrossModalEncoder
-from xmodal_index.encoders.config import EncoderConfig
+from .base import CrossModalEncoder
+from .config import EncoderConfig
 
 
 def load_encoder(config: EncoderConfig) -> CrossModalEncoder:
@@ -11,16 +11,16 @@ def load_encoder(config: EncoderConfig) -> CrossModalEncoder:
     if config.text_kind:
         import dataclasses
 
-        from xmodal_index.encoders.adapter_st import with_text_model
+        from .adapter_st import with_text_model
 
         base = load_encoder(dataclasses.replace(config, text_kind="", text_model=""))
         device = "cuda" if config.device == "cuda" else str(getattr(base, "device", "cpu"))
         return with_text_model(base, config.text_kind, config.text_model, device=device,
                                batch_size=config.batch_size, seed=config.seed)
     if config.kind == "builtin":
-        from xmodal_index.encoders.builtin import load_builtin
+        from .builtin import load_builtin
 
         return load_builtin(config)
-    from xmodal_index.encoders.adapters import load_adapter
+    from .adapters import load_adapter
 
     return load_adapter(config)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal_index.encoders.frontends import AudioFrontendConfig, ImageFrontendConfig, TextFrontendConfig
+from .frontends import AudioFrontendConfig, ImageFrontendConfig, TextFrontendConfig
 
 ARCHS = ("deep", "linear")
 HASH_BITS = (16, 32, 64, 128)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal_index.encoders.augment import AugmentConfig, augment_audio, augment_images, augment_text, mask_logmel
-from xmodal_index.encoders.builtin import CHECKPOINT_FORMAT, build_model, resolve_device, weights_digest
-from xmodal_index.encoders.frontends import AudioFrontend, image_features, text_features
-from xmodal_index.encoders.objectives import (
+from .augment import AugmentConfig, augment_audio, augment_images, augment_text, mask_logmel
+from .builtin import CHECKPOINT_FORMAT, build_model, resolve_device, weights_digest
+from .frontends import AudioFrontend, image_features, text_features
+from .objectives import (
     OBJECTIVES,
     contrastive_loss,
     dcca_loss,
@@ -39,8 +39,8 @@ from xmodal_index.encoders.objectives import (
     linear_gcca,
     triplet_loss,
 )
-from xmodal_index.encoders.towers import HASH_BITS, CrossModalNet, ModelConfig, pooled_audio, pooled_image
-from xmodal_index.encoders.tri_modal import TRAIN_TEMPLATES, AudioClips, DigitImages, spell
+from .towers import HASH_BITS, CrossModalNet, ModelConfig, pooled_audio, pooled_image
+from .tri_modal import TRAIN_TEMPLATES, AudioClips, DigitImages, spell
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from xmodal_index.encoders.base import AUDIO_SAMPLE_RATE, EncoderError
-from xmodal_index.encoders.signal import resample as resample  # the one resampler, re-exported
+from .base import AUDIO_SAMPLE_RATE, EncoderError
+from .signal import resample as resample  # the one resampler, re-exported
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")

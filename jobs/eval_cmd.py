@@ -25,9 +25,10 @@ from xmodal_index.encoders.evaluation import (
 )
 from xmodal_index.encoders.objectives import OBJECTIVES
 from xmodal_index.encoders.training import TrainConfig, TrainingError, train_model
-from xmodal_index.jobs.params import parse_bits
-from xmodal_index.jobs.train_cmd import command_line
 from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd
+
+from .params import parse_bits
+from .train_cmd import command_line
 
 logger = logging.getLogger(__name__)
 

@@ -23,19 +23,20 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from xmodal_index.jobs.report_failures import (
+from xmodal_index.pipeline.types import kind_of
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
+from xmodal_index.sinks.index import manifest as mf
+from xmodal_index.sinks.workdir import Workdir
+
+from .report_failures import (
     FailureGroup,
     FailureTally,
     by_count,
     job_config,
     retry_command,
 )
-from xmodal_index.jobs.report_timeline import Timeline
-from xmodal_index.pipeline.types import kind_of
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.workdir import Workdir
+from .report_timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -339,8 +340,8 @@ def write_report(
     for the --retry-failed command; returns where the report went. ``samples``:
     run the probe queries (None: only when the version is at most
     SAMPLES_AUTO_MAX_BYTES, as loading it verifies every file's checksum)."""
-    from xmodal_index.jobs.report_html import render
-    from xmodal_index.jobs.report_samples import add_samples
+    from .report_html import render
+    from .report_samples import add_samples
 
     data = gather(workdir, run_id)
     if samples is None and data.version is not None and data.version.bytes_total > SAMPLES_AUTO_MAX_BYTES:

@@ -10,9 +10,10 @@ import webbrowser
 
 import click
 
-from xmodal_index.jobs.report import REPORT_NAME, ReportError, write_report
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import SinkError
+
+from .report import REPORT_NAME, ReportError, write_report
 
 EXIT_ERROR = 1
 

@@ -13,7 +13,7 @@ import shlex
 from collections.abc import Iterable
 from typing import Any
 
-from xmodal_index.jobs.config import RunConfig
+from .config import RunConfig
 
 EXAMPLES_PER_GROUP = 3
 MAX_MESSAGE_CHARS = 400

@@ -14,15 +14,16 @@ import html
 from collections.abc import Iterable
 from typing import Any
 
-from xmodal_index.jobs.report import JOB_CONFIG_NAME, ReportData
-from xmodal_index.jobs.report_plots import (
+from xmodal_index.sinks.workdir import Workdir
+
+from .report import JOB_CONFIG_NAME, ReportData
+from .report_plots import (
     COLORS,
     FAIL,
     counts_plot,
     phases_plot,
     throughput_plot,
 )
-from xmodal_index.sinks.workdir import Workdir
 
 CSP = "default-src 'none'; img-src data:; media-src data:; style-src 'unsafe-inline'"
 STYLE = """

@@ -11,14 +11,17 @@ from typing import NoReturn
 
 import click
 
-from xmodal_index.jobs import loopback
-from xmodal_index.jobs.beam_args import BeamArgsError, check_beam_args
-from xmodal_index.jobs.config import ConfigError, load_config, user_message
-from xmodal_index.jobs.deadletter_cmd import failure_groups, format_groups, printable
-from xmodal_index.jobs.portable import PortableEndpointError, check_portable_endpoints
-from xmodal_index.jobs.progress_display import DEFAULT_EVERY_S, ProgressSettings
-from xmodal_index.jobs.progress_display import configure as configure_progress
-from xmodal_index.jobs.run_job import (
+from xmodal_index.sinks.storage import S3Config, configure_s3
+from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
+
+from . import loopback
+from .beam_args import BeamArgsError, check_beam_args
+from .config import ConfigError, load_config, user_message
+from .deadletter_cmd import failure_groups, format_groups, printable
+from .portable import PortableEndpointError, check_portable_endpoints
+from .progress_display import DEFAULT_EVERY_S, ProgressSettings
+from .progress_display import configure as configure_progress
+from .run_job import (
     EXIT_ERROR,
     EXIT_GATE_REFUSED,
     EXIT_LEASE_HELD,
@@ -28,8 +31,6 @@ from xmodal_index.jobs.run_job import (
     execute,
     read_deadletters,
 )
-from xmodal_index.sinks.storage import S3Config, configure_s3
-from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
 
 logger = logging.getLogger(__name__)
 

@@ -28,14 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from xmodal_index.encoders.loading import load_encoder
-from xmodal_index.jobs import run_outcomes, run_publish
-from xmodal_index.jobs.config import RunConfig
-from xmodal_index.jobs.crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, upload_progress
-from xmodal_index.jobs.crash_points import crash_point as _crash_point
-from xmodal_index.jobs.crash_points import dag_crash_points as _dag_crash_points
-from xmodal_index.jobs.progress_display import run_progress
-from xmodal_index.jobs.run_index import build_index
-from xmodal_index.jobs.run_plan import Selection, list_selection, plan_work, split_unrepresentable
 from xmodal_index.pipeline.dag import IndexArchive, item_to_json, read_worklist
 from xmodal_index.pipeline.types import MediaItem
 from xmodal_index.sinks import storage
@@ -57,6 +49,15 @@ from xmodal_index.sinks.ledger import (
 )
 from xmodal_index.sinks.storage.lease import Lease, LeaseConfig, LeaseHeldError, LeaseInfo
 from xmodal_index.sinks.workdir import Workdir
+
+from . import run_outcomes, run_publish
+from .config import RunConfig
+from .crash_points import CRASH_ENV, CRASH_EXIT_CODE, CRASH_POINTS, upload_progress
+from .crash_points import crash_point as _crash_point
+from .crash_points import dag_crash_points as _dag_crash_points
+from .progress_display import run_progress
+from .run_index import build_index
+from .run_plan import Selection, list_selection, plan_work, split_unrepresentable
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def _finish(req: RunRequest, summary: RunSummary, t0: float, best_effort: bool =
 def _write_report(workdir: str, run_id: str) -> None:
     """runs/RUN_ID/report.html (jobs/report.py); a report that cannot be written never fails the run."""
     try:
-        from xmodal_index.jobs.report import write_report
+        from .report import write_report
 
         write_report(workdir, run_id)
     except Exception as err:  # noqa: BLE001 - the report is a view of the run, not part of it

@@ -20,7 +20,7 @@ from xmodal_index.sinks.parts import count_parquet_rows, list_parts, read_lines
 from xmodal_index.sinks.workdir import Workdir
 
 if TYPE_CHECKING:
-    from xmodal_index.jobs.run_job import RunSummary
+    from .run_job import RunSummary
 
 
 def record_outcomes(workdir: str, run_id: str, todo: Sequence[MediaItem], model_id: str, summary: RunSummary,

@@ -9,13 +9,14 @@ import threading
 
 import click
 
-from xmodal_index.jobs.serve_encoder import prepare_serving_encoder
-from xmodal_index.jobs.serve_media import MediaQueryConfig
-from xmodal_index.jobs.server import MiB, QueryServer, ServerConfig
 from xmodal_index.query.errors import QueryError
 from xmodal_index.query.resolve import resolve_index_root
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle
+
+from .serve_encoder import prepare_serving_encoder
+from .serve_media import MediaQueryConfig
+from .server import MiB, QueryServer, ServerConfig
 
 logger = logging.getLogger(__name__)
 

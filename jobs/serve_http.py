@@ -22,11 +22,11 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from xmodal_index.jobs.query_support import RequestError
-from xmodal_index.jobs.serve_media import MediaBusyError
+from .query_support import RequestError
+from .serve_media import MediaBusyError
 
 if TYPE_CHECKING:
-    from xmodal_index.jobs.server import QueryServer
+    from .server import QueryServer
 
 logger = logging.getLogger(__name__)
 

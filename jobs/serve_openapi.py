@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from xmodal_index.jobs.serve_request import MAX_EMBEDDING_VALUES
 from xmodal_index.query.fusion import DEFAULT_FUSION, FUSIONS
 from xmodal_index.sinks.schema import MODALITIES
+
+from .serve_request import MAX_EMBEDDING_VALUES
 
 OPENAPI_VERSION = "3.0.3"
 _ERROR = {"$ref": "#/components/schemas/Error"}

@@ -19,7 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.jobs.query_support import (
+from xmodal_index.query.errors import BadQueryError
+from xmodal_index.query.fusion import DEFAULT_FUSION, FUSIONS
+from xmodal_index.query.request import check_text
+
+from .query_support import (
     QUERY_KEYS,
     QueryRequest,
     RequestError,
@@ -27,9 +31,6 @@ from xmodal_index.jobs.query_support import (
     _parse_modalities,
     parse_multipart_request,
 )
-from xmodal_index.query.errors import BadQueryError
-from xmodal_index.query.fusion import DEFAULT_FUSION, FUSIONS
-from xmodal_index.query.request import check_text
 
 JSON_KEYS = ("text", "embedding", "k", "modality", "k_per_modality", "fusion")
 MAX_EMBEDDING_VALUES = 1 << 16

@@ -39,12 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.jobs.query_support import QueryRequest, RequestError
-from xmodal_index.jobs.serve_http import BodyBudget, Handler, HTTPServer, HTTPServer6
-from xmodal_index.jobs.serve_media import MEDIA_MODALITIES, MediaDecoders, MediaQueryConfig, MediaQueryError
-from xmodal_index.jobs.serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from xmodal_index.jobs.serve_metrics import ServeMetrics
-from xmodal_index.jobs.serve_request import EmbeddingRequest, SearchOptions, parse_request
 from xmodal_index.pipeline.decode import DecodeConfig, decode_item
 from xmodal_index.pipeline.types import MediaItem, Segment
 from xmodal_index.query.core import QueryIndex
@@ -53,6 +47,13 @@ from xmodal_index.query.request import Query
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.serving.hot_swap import IndexHandle, NoServableVersionError, Served
+
+from .query_support import QueryRequest, RequestError
+from .serve_http import BodyBudget, Handler, HTTPServer, HTTPServer6
+from .serve_media import MEDIA_MODALITIES, MediaDecoders, MediaQueryConfig, MediaQueryError
+from .serve_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .serve_metrics import ServeMetrics
+from .serve_request import EmbeddingRequest, SearchOptions, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class QueryServer:
 
     def openapi(self) -> bytes:
         if self._openapi is None:
-            from xmodal_index.jobs.serve_openapi import openapi_document
+            from .serve_openapi import openapi_document
 
             self._openapi = json.dumps(openapi_document(self.config)).encode()
         return self._openapi

@@ -17,7 +17,6 @@ from xmodal_index.encoders.base import EncoderError
 from xmodal_index.encoders.builtin import file_sha256
 from xmodal_index.encoders.evaluation import image_split
 from xmodal_index.encoders.objectives import OBJECTIVES
-from xmodal_index.jobs.params import parse_bits
 from xmodal_index.encoders.training import (
     TrainConfig,
     TrainingError,
@@ -27,6 +26,8 @@ from xmodal_index.encoders.training import (
     write_checkpoint,
 )
 from xmodal_index.encoders.tri_modal import load_digit_images, load_fsdd
+
+from .params import parse_bits
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
-from xmodal_index.pipeline.decode_config import DecodeError
+from .decode_config import DecodeError
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,14 @@ import apache_beam as beam
 from apache_beam.io.parquetio import WriteToParquet
 
 from xmodal_index.encoders.config import EncoderConfig
-from xmodal_index.pipeline.decode import DecodeConfig
-from xmodal_index.pipeline.decode_segments import DecodeSegments
-from xmodal_index.pipeline.encode import EncodeSegments
-from xmodal_index.pipeline.types import DeadLetter, ItemOutcome, MediaItem
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import DEADLETTER_SCHEMA, embedding_schema
 from xmodal_index.sinks.workdir import Workdir
+
+from .decode import DecodeConfig
+from .decode_segments import DecodeSegments
+from .encode import EncodeSegments
+from .types import DeadLetter, ItemOutcome, MediaItem
 
 # The layout is spelled in sinks/workdir.py; these name the folders the DAG writes.
 

@@ -34,9 +34,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from xmodal_index.pipeline import captions
-from xmodal_index.pipeline.audio import open_audio, take_audio
-from xmodal_index.pipeline.decode_config import (  # noqa: F401 (re-exported: the names' historical home)
+from xmodal_index.sinks import storage
+from xmodal_index.sinks.errors import SinkError
+
+from . import captions
+from .audio import open_audio, take_audio
+from .decode_config import (  # noqa: F401 (re-exported: the names' historical home)
     AUDIO_BACKENDS,
     FRAME_MODES,
     MIN_FINAL_SEGMENT_S,
@@ -56,11 +59,9 @@ from xmodal_index.pipeline.decode_config import (  # noqa: F401 (re-exported: th
     segment_bounds,
     truncation_tolerance_s,
 )
-from xmodal_index.pipeline.decode_video import open_frames
-from xmodal_index.pipeline.probe import MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file  # noqa: F401 (re-exported)
-from xmodal_index.pipeline.types import Segment
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import SinkError
+from .decode_video import open_frames
+from .probe import MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file  # noqa: F401 (re-exported)
+from .types import Segment
 
 logger = logging.getLogger(__name__)
 

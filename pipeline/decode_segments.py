@@ -22,10 +22,10 @@ from typing import Callable, Iterable, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from xmodal_index.pipeline import progress
-from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, decode_item
-from xmodal_index.pipeline.encode import METRICS_NAMESPACE
-from xmodal_index.pipeline.types import DeadLetter, ItemOutcome, MediaItem, Segment
+from . import progress
+from .decode import DecodeConfig, DecodeError, decode_item
+from .encode import METRICS_NAMESPACE
+from .types import DeadLetter, ItemOutcome, MediaItem, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _DecodeFn(beam.DoFn):
 
     def setup(self) -> None:
         if self._isolate:
-            from xmodal_index.pipeline.isolation import IsolatedDecoder
+            from .isolation import IsolatedDecoder
 
             self._decoder = IsolatedDecoder(self._config, decode_fn=self._decode_fn)
             self._decoder.start()  # the workers import their decoders while the bundle is set up

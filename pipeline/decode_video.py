@@ -24,8 +24,8 @@ import decord
 import numpy as np
 from PIL import Image
 
-from xmodal_index.pipeline.audio import AV_OPEN_OPTIONS
-from xmodal_index.pipeline.decode_config import (
+from .audio import AV_OPEN_OPTIONS
+from .decode_config import (
     SAMPLING_FAST,
     SAMPLING_KEYFRAMES,
     SAMPLING_KEYFRAMES_NEAREST,
@@ -35,7 +35,7 @@ from xmodal_index.pipeline.decode_config import (
     TruncatedMediaError,
     frame_times,
 )
-from xmodal_index.pipeline.probe import MediaInfo, ffmpeg_reason
+from .probe import MediaInfo, ffmpeg_reason
 
 logger = logging.getLogger(__name__)
 

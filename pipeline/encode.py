@@ -32,10 +32,11 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from xmodal_index.encoders.base import CrossModalEncoder
 from xmodal_index.encoders.config import BUNDLED_CHECKPOINT, EncoderConfig
 from xmodal_index.encoders.loading import load_encoder
-from xmodal_index.pipeline.types import DeadLetter, Segment
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.schema import segment_id
 from xmodal_index.sinks.workdir import Workdir
+
+from .types import DeadLetter, Segment
 
 logger = logging.getLogger(__name__)
 

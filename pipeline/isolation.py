@@ -55,8 +55,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, DecoderCrashedError, DecodeTimeoutError, decode_item
-from xmodal_index.pipeline.types import MediaItem, Segment
+from .decode import DecodeConfig, DecodeError, DecoderCrashedError, DecodeTimeoutError, decode_item
+from .types import MediaItem, Segment
 
 logger = logging.getLogger(__name__)
 

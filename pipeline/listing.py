@@ -18,9 +18,10 @@ from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 
-from xmodal_index.pipeline.types import CAPTION_EXTS, MediaItem, kind_of
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.storage import ObjectInfo
+
+from .types import CAPTION_EXTS, MediaItem, kind_of
 
 logger = logging.getLogger(__name__)
 

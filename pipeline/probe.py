@@ -14,8 +14,8 @@ import os
 
 import av
 
-from xmodal_index.pipeline.audio import AV_OPEN_OPTIONS
-from xmodal_index.pipeline.decode_config import DecodeConfig, LimitExceededError, ProbeError, UnsupportedMediaError
+from .audio import AV_OPEN_OPTIONS
+from .decode_config import DecodeConfig, LimitExceededError, ProbeError, UnsupportedMediaError
 
 # Demuxers that read other files or URLs named inside the content, or that are
 # not media at all: never opened, whatever the extension says.

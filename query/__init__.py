@@ -12,7 +12,7 @@ May import encoders, sinks, numpy, torch and the Beam-free decoding functions of
 ``xmodal_index.jobs`` (tests/test_layering.py keeps that true).
 """
 
-from xmodal_index.query.errors import BadQueryError, QueryError
-from xmodal_index.query.hits import Hit
+from .errors import BadQueryError, QueryError
+from .hits import Hit
 
 __all__ = ["BadQueryError", "Hit", "QueryError"]

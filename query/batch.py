@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from xmodal_index.query.errors import BadQueryError, QueryError
-from xmodal_index.query.request import INPUT_KEYS, Query, parse_modalities
+from .errors import BadQueryError, QueryError
+from .request import INPUT_KEYS, Query, parse_modalities
 
 LINE_KEYS = (*INPUT_KEYS, "id", "modality", "start_s", "end_s")
 MAX_LINE_CHARS = 1 << 20

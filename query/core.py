@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.query import fusion as fu
-from xmodal_index.query.errors import BadQueryError, QueryError
-from xmodal_index.query.hits import Hit
-from xmodal_index.query.media import QuerySegmenting, decode_query_media, decode_query_segments
-from xmodal_index.query.request import Query, check_embedding, check_k, parse_modalities
-from xmodal_index.query.resolve import resolve_index_root, run_decode_config
+from . import fusion as fu
+from .errors import BadQueryError, QueryError
+from .hits import Hit
+from .media import QuerySegmenting, decode_query_media, decode_query_segments
+from .request import Query, check_embedding, check_k, parse_modalities
+from .resolve import resolve_index_root, run_decode_config
 
 _UNSET = object()
 
@@ -96,7 +96,7 @@ class QueryIndex:
         """The version's own query encoder, loaded once on first use."""
         with self._lock:
             if self._encoder is None:
-                from xmodal_index.query.encoder import load_query_encoder
+                from .encoder import load_query_encoder
 
                 self._encoder = load_query_encoder(self._version)
             return self._encoder
@@ -110,7 +110,7 @@ class QueryIndex:
                 if self._encoder is not None:
                     self._text_encoder = None  # the full encoder is loaded anyway
                 else:
-                    from xmodal_index.query.encoder import load_text_query_encoder
+                    from .encoder import load_text_query_encoder
 
                     self._text_encoder = load_text_query_encoder(self._version)
             return self._text_encoder

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from xmodal_index.query.errors import QueryError
+from .errors import QueryError
 
 # Files of a version that an encoder config may name by their bare name.
 _VERSION_FILES = ("model.safetensors",)

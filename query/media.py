@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.query.errors import BadQueryError, QueryError
+from .errors import BadQueryError, QueryError
 
 MEDIA_MODALITIES = ("audio", "image", "video")
 RANGED_MODALITIES = ("audio", "video")

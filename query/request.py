@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from xmodal_index.query.errors import BadQueryError
-from xmodal_index.query.media import check_range
 from xmodal_index.sinks.schema import MODALITIES
+
+from .errors import BadQueryError
+from .media import check_range
 
 QUERY_KEYS = ("text", "audio", "image", "video")
 INPUT_KEYS = (*QUERY_KEYS, "embedding")

@@ -6,11 +6,12 @@ import json
 import logging
 from typing import Any
 
-from xmodal_index.query.errors import QueryError
 from xmodal_index.sinks import storage
 from xmodal_index.sinks import workdir as workdir_layout
 from xmodal_index.sinks.errors import SinkError
 from xmodal_index.sinks.workdir import WorkdirLayoutError
+
+from .errors import QueryError
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError
-from xmodal_index.sinks.parts import list_parts, read_parquet
-from xmodal_index.sinks.schema import DEADLETTER_SCHEMA
-from xmodal_index.sinks.workdir import Workdir
+from . import storage
+from .errors import ObjectNotFoundError
+from .parts import list_parts, read_parquet
+from .schema import DEADLETTER_SCHEMA
+from .workdir import Workdir
 
 COLUMNS = tuple(DEADLETTER_SCHEMA.names)
 

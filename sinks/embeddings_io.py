@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
-from xmodal_index.sinks.ledger import LedgerEntry
-from xmodal_index.sinks.parts import list_parts
-from xmodal_index.sinks.schema import embedding_schema
-from xmodal_index.sinks.workdir import Workdir
+from . import storage
+from .errors import ObjectNotFoundError, SinkError
+from .ledger import LedgerEntry
+from .parts import list_parts
+from .schema import embedding_schema
+from .workdir import Workdir
 
 logger = logging.getLogger(__name__)
 

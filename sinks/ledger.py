@@ -21,10 +21,10 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
-from xmodal_index.sinks.schema import LEDGER_SCHEMA
-from xmodal_index.sinks.workdir import Workdir
+from . import storage
+from .errors import ObjectNotFoundError, SinkError
+from .schema import LEDGER_SCHEMA
+from .workdir import Workdir
 
 STATES = ("indexed", "failed", "deleted")
 

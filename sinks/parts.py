@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError, SinkError
+from . import storage
+from .errors import ObjectNotFoundError, SinkError
 
 
 class PartReadError(SinkError):

@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import SinkError
+from . import storage
+from .errors import SinkError
 
 EMBEDDINGS = "embeddings"
 DEADLETTER = "deadletter"
@@ -160,7 +160,7 @@ def resolve_index_root(uri: str, index_name: str = DEFAULT_INDEX_NAME) -> str:
     there (LATEST or unpublished versions); else ``uri`` (opening it then says
     nothing is published there). The result is in the Workdir spelling.
     """
-    from xmodal_index.sinks.index.manifest import LATEST_NAME  # the index layout is spelled there
+    from .index.manifest import LATEST_NAME  # the index layout is spelled there
 
     if not isinstance(uri, str) or not uri.strip():
         raise WorkdirLayoutError(f"index location {uri!r} must be a non-empty path or URI")

@@ -48,18 +48,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index.choice import choose_factories
-from xmodal_index.sinks.index.config import EmptyIndexError, IndexBuildConfig, IndexBuildError
-from xmodal_index.sinks.index.plan import ShardPlan, group_shards, plan_shards
-from xmodal_index.sinks.index.progress import Progress, ProgressFn
-from xmodal_index.sinks.index.publish import publish_unfenced, reserve_version
-from xmodal_index.sinks.index.recall import modality_exact, shares, version_metrics
-from xmodal_index.sinks.index.scan import Scan, release_arrow_memory, scan_rows
-from xmodal_index.sinks.index.shard import ShardBuilder, ShardResult, id_map_table
-from xmodal_index.sinks.index.train import Templates, train_templates
+from .. import storage
+from ..embeddings_io import embedding_matrix, hash_matrix
+from . import manifest as mf
+from .choice import choose_factories
+from .config import EmptyIndexError, IndexBuildConfig, IndexBuildError
+from .plan import ShardPlan, group_shards, plan_shards
+from .progress import Progress, ProgressFn
+from .publish import publish_unfenced, reserve_version
+from .recall import modality_exact, shares, version_metrics
+from .scan import Scan, release_arrow_memory, scan_rows
+from .shard import ShardBuilder, ShardResult, id_map_table
+from .train import Templates, train_templates
 
 logger = logging.getLogger(__name__)
 

@@ -72,8 +72,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from xmodal_index.sinks.errors import SinkError
-from xmodal_index.sinks.index.search import RERANK_PARAM, apply_search_params, tunable_param
+from ..errors import SinkError
+from .search import RERANK_PARAM, apply_search_params, tunable_param
 
 FLAT_MAX_VECTORS = 20_000  # exact search of 20k 256-d vectors: ~0.8 ms per query on one core
 HNSW_MIN_VECTORS = 2_000_000

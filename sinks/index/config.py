@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from xmodal_index.sinks.errors import SinkError
+from ..errors import SinkError
 
 METRICS = ("ip",)
 DEFAULT_MEMORY_BUDGET_BYTES = 4 << 30  # RAM a loaded version may take on a query node

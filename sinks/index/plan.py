@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from xmodal_index.sinks.index.choice import IndexChoice
-from xmodal_index.sinks.index.config import IndexBuildConfig
-from xmodal_index.sinks.index.scan import Scan
+from .choice import IndexChoice
+from .config import IndexBuildConfig
+from .scan import Scan
 
 
 @dataclasses.dataclass

@@ -35,16 +35,16 @@ import logging
 import os
 from typing import Protocol
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import (
+from .. import storage
+from ..errors import (
     ChecksumMismatchError,
     IndexVersionError,
     ObjectNotFoundError,
     PreconditionFailedError,
 )
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index import seal
-from xmodal_index.sinks.index.publish_gate import (
+from . import manifest as mf
+from . import seal
+from .publish_gate import (
     Deletion,
     GateConfig,
     GateDecision,

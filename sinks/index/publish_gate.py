@@ -32,7 +32,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from xmodal_index.sinks.index import manifest as mf
+from . import manifest as mf
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xmodal_index.sinks.index.scan import Scan
-from xmodal_index.sinks.index.search import RERANK_PARAM, StoredVectors, rerank_search
+from .scan import Scan
+from .search import RERANK_PARAM, StoredVectors, rerank_search
 
 if TYPE_CHECKING:
-    from xmodal_index.sinks.index.shard import ShardBuilder, ShardResult
+    from .shard import ShardBuilder, ShardResult
 
 RECALL_K = 10
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
-from xmodal_index.sinks.index.config import EmptyIndexError, IndexBuildConfig, IndexBuildError
-from xmodal_index.sinks.index.progress import Progress
+from ..embeddings_io import embedding_matrix, hash_matrix
+from .config import EmptyIndexError, IndexBuildConfig, IndexBuildError
+from .progress import Progress
 
 _MODALITY_RE = re.compile(r"[a-z0-9_]+")
 _REQUIRED_COLUMNS = ("segment_id", "uri", "etag", "modality", "start_s", "end_s", "embedding", "hash_code")

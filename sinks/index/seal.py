@@ -29,8 +29,8 @@ import re
 import stat
 from typing import IO
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, StorageError
+from .. import storage
+from ..errors import IndexVersionError, ObjectNotFoundError, StorageError
 
 LATEST_NAME = "LATEST"
 SEAL_NAME = "SEAL"

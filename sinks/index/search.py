@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import faiss
 import numpy as np
 
-from xmodal_index.sinks.errors import IndexVersionError
+from ..errors import IndexVersionError
 
 
 def _inner_index(index: Any, binary: bool) -> Any:

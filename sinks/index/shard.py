@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index.choice import tune_search_params, uses_product_quantizer
-from xmodal_index.sinks.index.config import IndexBuildConfig, IndexBuildError
-from xmodal_index.sinks.index.plan import ShardPlan
-from xmodal_index.sinks.index.recall import RECALL_K, float_recall_of, hamming_recall_of, wanted_count
-from xmodal_index.sinks.index.search import StoredVectors
-from xmodal_index.sinks.index.train import Templates
+from . import manifest as mf
+from .choice import tune_search_params, uses_product_quantizer
+from .config import IndexBuildConfig, IndexBuildError
+from .plan import ShardPlan
+from .recall import RECALL_K, float_recall_of, hamming_recall_of, wanted_count
+from .search import StoredVectors
+from .train import Templates
 
 logger = logging.getLogger(__name__)
 

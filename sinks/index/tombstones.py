@@ -21,7 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from xmodal_index.sinks.errors import IndexVersionError
+from ..errors import IndexVersionError
 
 
 def read_tombstones(path: str, count: int | None = None, name: str = "tombstones") -> np.ndarray:

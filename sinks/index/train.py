@@ -12,9 +12,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from xmodal_index.sinks.index.choice import BINARY_TRAIN_PER_LIST, IndexChoice, choose_index
-from xmodal_index.sinks.index.config import IndexBuildConfig, IndexBuildError
-from xmodal_index.sinks.index.scan import Sample
+from .choice import BINARY_TRAIN_PER_LIST, IndexChoice, choose_index
+from .config import IndexBuildConfig, IndexBuildError
+from .scan import Sample
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ import math
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index import seal
-from xmodal_index.sinks.errors import IndexVersionError, SinkError
-from xmodal_index.sinks.serving.loader import IndexVersion
+from ..errors import IndexVersionError, SinkError
+from ..index import manifest as mf
+from ..index import seal
+from .loader import IndexVersion
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def records_dir() -> str | None:
         return None
     if value:
         return value
-    from xmodal_index.sinks.serving.cache import default_cache_dir
+    from .cache import default_cache_dir
 
     return os.path.join(default_cache_dir(), "verified")
 

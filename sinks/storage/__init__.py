@@ -41,15 +41,15 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
-from xmodal_index.sinks.storage import s3
-from xmodal_index.sinks.storage.conditional import (
+from ..errors import ObjectNotFoundError, PreconditionFailedError, StorageError
+from . import s3
+from .conditional import (
     create_if_absent,
     delete_if_match,
     read_versioned,
     replace_if_match,
 )
-from xmodal_index.sinks.storage.s3 import (
+from .s3 import (
     AccessDeniedError,
     BucketNotFoundError,
     CredentialsError,
@@ -61,8 +61,8 @@ from xmodal_index.sinks.storage.s3 import (
     beam_s3_options,
     configure_s3,
 )
-from xmodal_index.sinks.storage.uri import filesystem_path as _local
-from xmodal_index.sinks.storage.uri import is_s3, join, normalize_uri
+from .uri import filesystem_path as _local
+from .uri import is_s3, join, normalize_uri
 
 logger = logging.getLogger(__name__)
 

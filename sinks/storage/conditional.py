@@ -31,9 +31,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
-from xmodal_index.sinks.storage import s3
-from xmodal_index.sinks.storage.uri import filesystem_path, is_s3
+from ..errors import ObjectNotFoundError, PreconditionFailedError, StorageError
+from . import s3
+from .uri import filesystem_path, is_s3
 
 
 def read_versioned(uri: str) -> tuple[bytes, str]:

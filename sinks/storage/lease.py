@@ -35,9 +35,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, SinkError
-from xmodal_index.sinks.workdir import LEASE, Workdir
+from .. import storage
+from ..errors import ObjectNotFoundError, PreconditionFailedError, SinkError
+from ..workdir import LEASE, Workdir
 
 logger = logging.getLogger(__name__)
 

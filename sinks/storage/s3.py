@@ -24,8 +24,8 @@ import botocore.exceptions
 from boto3.s3.transfer import create_transfer_manager
 from s3transfer.exceptions import RetriesExceededError
 
-from xmodal_index.sinks.errors import ObjectNotFoundError, PreconditionFailedError, StorageError
-from xmodal_index.sinks.storage.s3_config import (
+from ..errors import ObjectNotFoundError, PreconditionFailedError, StorageError
+from .s3_config import (
     AccessDeniedError,
     BucketNotFoundError,
     CredentialsError,

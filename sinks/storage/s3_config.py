@@ -36,7 +36,7 @@ import botocore.exceptions
 import botocore.session
 from boto3.s3.transfer import TransferConfig
 
-from xmodal_index.sinks.errors import ObjectNotFoundError, StorageError
+from ..errors import ObjectNotFoundError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from xmodal_index.sinks.errors import StorageError
+from ..errors import StorageError
 
 
 def is_s3(uri: str) -> bool:
