@@ -172,6 +172,31 @@ def _node_download(root: str, cached: str, target: str, cache_dir: str) -> int:
     return sum(fetched)
 
 
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(0, results["base"].get("eval"))] + [(i + 1, s.get("eval")) for i, s in enumerate(results["increments"])]
+    points = [(i, e) for i, e in points if e]
+    last = len(results["increments"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot([i for i, _ in points], [e["recall_at_10"] for _, e in points], "o-", label="incremental")
+    top.plot([last], [results["eval_full"]["recall_at_10"]], "s", color="C3", label="compaction (full build)")
+    top.set_ylabel("recall@10")
+    top.legend(loc="lower left")
+    bottom.plot([i for i, _ in points], [e["p50_ms"] for _, e in points], "o-")
+    bottom.plot([last], [results["eval_full"]["p50_ms"]], "s", color="C3")
+    bottom.set_ylabel("single-query p50 (ms)")
+    bottom.set_xlabel("increment (0 = the first full build)")
+    fig.suptitle(f"{results['args']['n']:,} rows, +{results['args']['add_fraction']:.1%} "
+                 f"-{results['args']['delete_fraction']:.1%} per increment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200_000, help="rows of the full build")
@@ -181,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--add-fraction", type=float, default=0.01, help="new rows per increment, share of n")
     p.add_argument("--delete-fraction", type=float, default=0.005, help="deleted rows per increment, share of n")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="measure recall@10 and p50 after every N-th increment (0: only the last)")
+    p.add_argument("--plot", default=os.path.join(ROOT, "bench", "incremental_sequence.png"),
+                   help="recall@10 and p50 over the increments and the compaction ('' for none)")
     p.add_argument("--memory-budget-gib", type=float, default=2.0)
     p.add_argument("--workdir", default="/tmp/xmodal-incremental-bench")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "incremental_results.json"))
@@ -204,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"args": vars(a), "machine": _machine(), "generate_s": round(generate_s, 1)}
     print(f"full build of {a.n} rows ...", flush=True)
     results["base"] = _run_child(["full", "--root", inc_root, "--parts", *base_parts, *common])
+    queries = vectors(a.queries, a.dim, seed=10_000_000 + a.n)
+    if a.eval_every:
+        results["base"]["eval"] = _evaluate(inc_root, queries, _exact_top10(base_parts, np.zeros(0, np.int64), queries))
     parts, dead, next_id, parent, steps = list(base_parts), np.zeros(0, np.int64), a.n, results["base"]["version"], []
     for step in range(a.increments):
         add = max(1, int(a.n * a.add_fraction))
@@ -219,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"increment {step + 1}: +{add} rows, -{len(gone)} rows ...", flush=True)
         out = _run_child(["increment", "--root", inc_root, "--parent", parent, "--parts", path, "--dead", dead_file,
                           *common])
+        if a.eval_every and ((step + 1) % a.eval_every == 0 or step + 1 == a.increments):
+            out["eval"] = _evaluate(inc_root, queries, _exact_top10(parts, dead, queries))
+            print(f"  {out['wall_s']} s, recall@10 {out['eval']['recall_at_10']}, p50 {out['eval']['p50_ms']} ms",
+                  flush=True)
         steps.append(out)
         previous, parent = parent, out["version"]
     results["increments"] = steps
@@ -227,7 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     print("baseline: full build of the final live rows ...", flush=True)
     full_root = os.path.join(a.workdir, "full")
     results["full"] = _run_child(["full", "--root", full_root, "--parts", *parts, "--dead", all_dead, *common])
-    queries = vectors(a.queries, a.dim, seed=10_000_000 + a.n)
     exact = _exact_top10(parts, dead, queries)
     results["eval_incremental"] = _evaluate(inc_root, queries, exact)
     results["eval_full"] = _evaluate(full_root, queries, exact)
@@ -237,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         results["version_bytes"] = sum(os.path.getsize(f) for f in glob.glob(os.path.join(full_root, "v*", "*")))
     mean_step_s = float(np.mean([s["wall_s"] for s in steps])) if steps else float("nan")
     results["increment_over_full_wall"] = round(mean_step_s / results["full"]["wall_s"], 4)
+    if a.plot:
+        _plot(results, a.plot)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
     print(json.dumps(results, indent=1))

@@ -31,7 +31,7 @@ class IncrementalConfig:
     """
 
     enabled: bool = True
-    max_deltas: int = 16
+    max_deltas: int = 8
     max_delta_fraction: float = 0.2
     max_tombstone_fraction: float = 0.1
     drift_recall_margin: float = 0.05
