@@ -275,6 +275,8 @@ def test_a_delta_measures_its_recall_on_its_own_rows(tmp_path):
     manifest = build_increment(*_increment_args(tmp_path))
     delta = next(s for s in manifest.shards if s.file.startswith("delta-") and s.kind == "float")
     assert delta.recall_at_10 == 1.0  # IVF8 searched with nprobe = nlist: exact
+    assert manifest.metrics["delta_recall_at_10"] == {"video": 1.0}
+    assert manifest.metrics["recall_measured_on"] == "v000001"
 
 
 def _increment_args(tmp_path):

@@ -324,6 +324,8 @@ def build_increment(
         }
         metrics = dict(parent.metrics)
         metrics["recall_measured_on"] = parent.metrics.get("recall_measured_on", base_version(parent))
+        metrics["delta_recall_at_10"] = {s.modality: s.recall_at_10 for s in shards  # the drift check, per delta
+                                         if s.kind == "float" and s.file.startswith(f"delta-{version}-")}
         metrics.update(metrics_extra or {})
         manifest = mf.Manifest(
             version=version, created_at=mf.utc_now_iso(), parent_version=parent.version, model_id=parent.model_id,
