@@ -34,18 +34,19 @@ import subprocess
 import sys
 import tempfile
 import time
+
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests import media_factory  # noqa: E402
-from xmodal_index.jobs.config import load_config  # noqa: E402
-from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, decode_item, probe  # noqa: E402
-from xmodal_index.pipeline.isolation import IsolatedDecoder  # noqa: E402
-from xmodal_index.pipeline.listing import list_items  # noqa: E402
-from xmodal_index.pipeline.sample_archive import build_sample_archive  # noqa: E402
-from xmodal_index.pipeline.types import MediaItem, kind_of  # noqa: E402
+from tests import media_factory  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.jobs.config import load_config  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.pipeline.decode import DecodeConfig, DecodeError, decode_item, probe  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.pipeline.isolation import IsolatedDecoder  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.pipeline.listing import list_items  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.pipeline.sample_archive import build_sample_archive  # noqa: E402 - after sys.path names the repo root
+from xmodal_index.pipeline.types import MediaItem, kind_of  # noqa: E402 - after sys.path names the repo root
 
 
 def make_items(args, workdir: str) -> list[MediaItem]:

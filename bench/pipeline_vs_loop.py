@@ -36,7 +36,8 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} vCPU {cpu}, {mem:.0f} GiB, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}")
 
 
 def plain_loop(items, cfg, encoder, out_path: str) -> int:
@@ -82,14 +83,16 @@ def beam_run(items, cfg, workdir: str, isolate: bool, extra_args: list[str]) -> 
         (p | beam.Create(items) | beam.Reshuffle()
          | IndexArchive(workdir, "bench", cfg.decode, cfg.encoder, enc.dim, enc.bits, isolate_decoding=isolate))
     prefix = embeddings_prefix(workdir, "bench")
-    return sum(pq.ParquetFile(os.path.join(prefix, f)).metadata.num_rows for f in os.listdir(prefix) if f.endswith(".parquet"))
+    return sum(pq.ParquetFile(os.path.join(prefix, f)).metadata.num_rows
+               for f in os.listdir(prefix) if f.endswith(".parquet"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archive", help="archive directory (default: build the bundled sample in a temp dir)")
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "sample.toml"))
-    ap.add_argument("--repeat", type=int, default=1, help="copies of the archive's item list to process (scales the work)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="copies of the archive's item list to process (scales the work)")
     ap.add_argument("--json", dest="json_out", help="also write the results here")
     args = ap.parse_args()
 
@@ -138,7 +141,8 @@ def main() -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"machine": machine(), "items": len(items),
-                       "results": {k: {"wall_s": v[0], "rows": v[1], "ratio": v[0] / base} for k, v in results.items()}},
+                       "results": {k: {"wall_s": v[0], "rows": v[1], "ratio": v[0] / base}
+                                   for k, v in results.items()}},
                       f, indent=2)
 
 

@@ -125,7 +125,8 @@ def run_robustness(args: argparse.Namespace) -> None:
         return lambda x: resample(resample(x, sr, rate), rate, sr)
 
     def noisy(snr_db: float):
-        return lambda x: x + rng.standard_normal(x.size).astype(np.float32) * np.sqrt(np.mean(x**2)) / 10 ** (snr_db / 20)
+        return lambda x: (x + rng.standard_normal(x.size).astype(np.float32)
+                          * np.sqrt(np.mean(x**2)) / 10 ** (snr_db / 20))
 
     def in_window(x):  # 2 s of silence-padded audio at a random offset, 30 dB quieter
         out = np.zeros(2 * sr, np.float32)
@@ -157,7 +158,8 @@ def run_robustness(args: argparse.Namespace) -> None:
     print(f"model {encoder.model_id}; held-out speaker {args.speaker}; {len(labels)} clips vs {len(images)} images")
     print(f"{'condition':<36}{'float':>8}{'64 bits':>9}")
     for name, fn in conditions.items():
-        audio = encoder.embed("audio", [fn(np.asarray(x, np.float32)).astype(np.float32) for x in sets["audio"].payloads])
+        audio = encoder.embed("audio", [fn(np.asarray(x, np.float32)).astype(np.float32)
+                                        for x in sets["audio"].payloads])
         m64 = map_hamming(encoder.codes(audio, 64), encoder.codes(images, 64), labels, sets["image"].labels)
         print(f"{name:<36}{map_float(audio, images, labels, sets['image'].labels):>8.3f}{m64:>9.3f}")
 

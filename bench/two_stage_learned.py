@@ -102,8 +102,9 @@ def run_fold(speaker: str, audio, images, args) -> dict:
                           for hs, hm in zip(two, hamming)]
                 row[f"two_stage_{c}"] = _ranking_map(orders, ql, label_of)
             fold["directions"][f"{q}->{d}"] = row
-            print(f"fold {speaker} {q}->{d}: " + " ".join(f"{k}={v:.3f}" for k, v in row.items()
-                                                          if isinstance(v, float) and not k.endswith("_ms")), flush=True)
+            print(f"fold {speaker} {q}->{d}: "
+                  + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float) and not k.endswith("_ms")),
+                  flush=True)
     return fold
 
 

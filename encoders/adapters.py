@@ -39,9 +39,10 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

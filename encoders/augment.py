@@ -160,7 +160,9 @@ def _block_quantize(x: torch.Tensor, step: float) -> torch.Tensor:
     return out.permute(0, 1, 3, 2, 4).reshape(n, h, w)
 
 
-def augment_images(grey: torch.Tensor, size: int, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+def augment_images(
+    grey: torch.Tensor, size: int, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()
+) -> torch.Tensor:
     """Grey digit images (N, h, w) in [0, 1], ink bright -> augmented tower input (N, 1, size, size)."""
     n = grey.shape[0]
     out = torch.empty(n, size, size)

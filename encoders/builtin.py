@@ -16,8 +16,9 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     except (SafetensorError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     try:
         model_config = ModelConfig.from_json(metadata["model_config"])
     except (KeyError, TypeError, ValueError) as err:
@@ -207,7 +209,8 @@ class BuiltinEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         if modality == "video":
             return self._embed_video(payloads)
-        out = [self._embed_batch(modality, payloads[i : i + self.batch_size]) for i in range(0, len(payloads), self.batch_size)]
+        out = [self._embed_batch(modality, payloads[i : i + self.batch_size])
+               for i in range(0, len(payloads), self.batch_size)]
         return l2_normalize(np.concatenate(out))
 
     def codes(self, embeddings: np.ndarray, bits: int) -> np.ndarray:
@@ -265,7 +268,8 @@ def load_builtin(config: EncoderConfig) -> BuiltinEncoder:
     if mc.dim != config.dim:
         raise CheckpointError(f"checkpoint {path} has dim {mc.dim} but the encoder config asks for dim {config.dim}")
     if config.bits not in mc.bits:
-        raise CheckpointError(f"checkpoint {path} has hash heads for {mc.bits} bits but the encoder config asks for bits {config.bits}")
+        raise CheckpointError(f"checkpoint {path} has hash heads for {mc.bits} bits "
+                              f"but the encoder config asks for bits {config.bits}")
     net = CrossModalNet(mc)
     try:
         net.load_state_dict(ckpt.state, strict=True)

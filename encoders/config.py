@@ -57,5 +57,5 @@ class EncoderConfig:
         if bool(self.text_kind) != bool(self.text_model):
             raise ValueError("encoder text_kind and text_model go together: text_kind = \"sentence_transformers\" "
                              "with text_model = a local model directory or an installed model package")
-        if self.kind != "builtin" and not self.checkpoint or self.checkpoint == BUNDLED_CHECKPOINT and self.kind != "builtin":
+        if self.kind != "builtin" and (not self.checkpoint or self.checkpoint == BUNDLED_CHECKPOINT):
             raise ValueError(f"encoder kind {self.kind!r} needs checkpoint= the local path of the model")

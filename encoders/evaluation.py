@@ -10,7 +10,8 @@ favour any label. Queries with no relevant database item are left out of the mea
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -156,8 +157,8 @@ def benchmark_protocol(image_test_fraction: float, split_seed: int) -> str:
 
 
 def fold_sets(
-    audio: "AudioClips", images: "DigitImages", holdout: str, image_test_fraction: float = 0.5, split_seed: int = 0
-) -> tuple["TrainingSet", dict[str, ModalitySet]]:
+    audio: AudioClips, images: DigitImages, holdout: str, image_test_fraction: float = 0.5, split_seed: int = 0
+) -> tuple[TrainingSet, dict[str, ModalitySet]]:
     """Training data (other speakers, train images) and test sets (held-out speaker, test images, words)."""
     from .training import TrainingSet
     from .tri_modal import digit_texts

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 OBJECTIVES = ("contrastive", "triplet", "dcca", "cca")
 
 
-def positives(la: torch.Tensor | None, lb: torch.Tensor | None, n_a: int, n_b: int, device: torch.device) -> torch.Tensor:
+def positives(
+    la: torch.Tensor | None, lb: torch.Tensor | None, n_a: int, n_b: int, device: torch.device
+) -> torch.Tensor:
     """Boolean (n_a, n_b): which pairs match (same label, or same row without labels)."""
     if la is None or lb is None:
         if n_a != n_b:
@@ -31,7 +33,8 @@ def positives(la: torch.Tensor | None, lb: torch.Tensor | None, n_a: int, n_b: i
 
 
 def contrastive_loss(
-    za: torch.Tensor, zb: torch.Tensor, la: torch.Tensor | None = None, lb: torch.Tensor | None = None, temperature: float = 0.1
+    za: torch.Tensor, zb: torch.Tensor, la: torch.Tensor | None = None, lb: torch.Tensor | None = None,
+    temperature: float = 0.1,
 ) -> torch.Tensor:
     """Symmetric multi-positive InfoNCE on L2-normalised embeddings."""
     za, zb = F.normalize(za, dim=1), F.normalize(zb, dim=1)
@@ -48,7 +51,8 @@ def contrastive_loss(
 
 
 def triplet_loss(
-    za: torch.Tensor, zb: torch.Tensor, la: torch.Tensor | None = None, lb: torch.Tensor | None = None, margin: float = 0.2
+    za: torch.Tensor, zb: torch.Tensor, la: torch.Tensor | None = None, lb: torch.Tensor | None = None,
+    margin: float = 0.2,
 ) -> torch.Tensor:
     """Batch-hard triplets both ways: hardest positive vs hardest negative, cosine similarity."""
     za, zb = F.normalize(za, dim=1), F.normalize(zb, dim=1)

@@ -50,7 +50,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         raw: dict[str, Any] = json.loads(text)
         return cls(
             dim=int(raw["dim"]),

@@ -20,8 +20,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +81,8 @@ class TrainConfig:
         if not self.bits or any(b not in HASH_BITS for b in self.bits):
             raise ValueError(f"{self.bits = } must be a non-empty subset of {HASH_BITS}")
         if self.lr <= 0 or self.temperature <= 0 or self.margin < 0 or self.hash_weight < 0:
-            raise ValueError(f"{self.lr = } and {self.temperature = } must be > 0, {self.margin = } and {self.hash_weight = } >= 0")
+            raise ValueError(f"{self.lr = } and {self.temperature = } must be > 0, "
+                             f"{self.margin = } and {self.hash_weight = } >= 0")
         if self.cca_pairings < 1 or self.cca_reg <= 0:
             raise ValueError(f"{self.cca_pairings = } must be >= 1 and {self.cca_reg = } > 0")
 
@@ -104,7 +106,8 @@ def data_fingerprint(data: TrainingSet) -> str:
     items: list[str] = []
     if data.audio is not None:
         for w, y, s in zip(data.audio.waves, data.audio.labels, data.audio.speakers):
-            items.append(f"audio|{int(y)}|{s}|{hashlib.sha256(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()}")
+            digest = hashlib.sha256(np.ascontiguousarray(w, np.float32).tobytes()).hexdigest()
+            items.append(f"audio|{int(y)}|{s}|{digest}")
     if data.images is not None:
         for im, y in zip(data.images.images, data.images.labels):
             items.append(f"image|{int(y)}|{hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()}")
@@ -182,8 +185,12 @@ class _Trainer:
         self.net = self.net.to(memory_format=torch.channels_last)
         self.frontend = AudioFrontend(model_config.audio).to(self.device)
         self.image_by_label = _label_index(data.images.labels) if data.images is not None else {}
-        self.anchor = data.audio.labels if data.audio is not None else (data.images.labels if data.images is not None else np.zeros(0, np.int64))
-        steps = max(1, math.ceil(len(self.anchor) / config.batch_size)) + math.ceil(len(data.cooccur) / config.batch_size)
+        if data.audio is not None:
+            self.anchor = data.audio.labels
+        else:
+            self.anchor = data.images.labels if data.images is not None else np.zeros(0, np.int64)
+        steps = (max(1, math.ceil(len(self.anchor) / config.batch_size))
+                 + math.ceil(len(data.cooccur) / config.batch_size))
         fp16 = self.device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)  # loss scaling only for fp16 autocast
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -234,7 +241,8 @@ class _Trainer:
             picks = np.array([self.rng.choice(self.image_by_label[int(y)]) for y in labels])
             emb["image"] = self._images(d.images.images[picks])
         if d.texts:
-            emb["text"] = self._texts([spell(TRAIN_TEMPLATES[0], int(y)) if not cfg.augment else augment_text(int(y), self.rng) for y in labels])
+            emb["text"] = self._texts([spell(TRAIN_TEMPLATES[0], int(y)) if not cfg.augment
+                                       else augment_text(int(y), self.rng) for y in labels])
         lab = torch.as_tensor(labels, device=self.device)
         return self._loss(emb, lab)
 
@@ -272,7 +280,8 @@ class _Trainer:
                     for bits in self.net.config.bits:
                         ha = torch.tanh(self.net.hash_logits(na, bits).float())
                         hb = torch.tanh(self.net.hash_logits(nb, bits).float())
-                        loss = loss + cfg.hash_weight / len(self.net.config.bits) * hashing_loss(ha, hb, labels, labels).total
+                        hash_loss = hashing_loss(ha, hb, labels, labels).total
+                        loss = loss + cfg.hash_weight / len(self.net.config.bits) * hash_loss
         return loss
 
     def _update(self, loss: torch.Tensor) -> float:
@@ -316,7 +325,8 @@ def fit_linear_cca(data: TrainingSet, config: TrainConfig) -> CrossModalNet:
     rng = np.random.default_rng(config.seed)
     frontend = AudioFrontend(mc.audio)
     with torch.no_grad():
-        audio = torch.cat([pooled_audio(frontend(data.audio.waves[i : i + 256])) for i in range(0, len(data.audio.waves), 256)]).numpy()
+        audio = torch.cat([pooled_audio(frontend(data.audio.waves[i : i + 256]))
+                           for i in range(0, len(data.audio.waves), 256)]).numpy()
         image = pooled_image(image_features(list(data.images.images), mc.image)).numpy()
     by_image = _label_index(data.images.labels)
     rows_a, rows_i, texts = [], [], []

@@ -14,8 +14,8 @@ import dataclasses
 import gzip
 import re
 import wave
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -45,9 +45,10 @@ class AudioClips:
     speakers: np.ndarray  # str speaker name
     names: list[str]
 
-    def subset(self, mask: np.ndarray) -> "AudioClips":
+    def subset(self, mask: np.ndarray) -> AudioClips:
         idx = np.flatnonzero(mask)
-        return AudioClips([self.waves[i] for i in idx], self.labels[idx], self.speakers[idx], [self.names[i] for i in idx])
+        return AudioClips([self.waves[i] for i in idx], self.labels[idx], self.speakers[idx],
+                          [self.names[i] for i in idx])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class DigitImages:
     images: np.ndarray  # uint8 (N, 8, 8, 3)
     labels: np.ndarray  # int64
 
-    def subset(self, idx: np.ndarray) -> "DigitImages":
+    def subset(self, idx: np.ndarray) -> DigitImages:
         return DigitImages(self.images[idx], self.labels[idx])
 
 

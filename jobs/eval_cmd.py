@@ -104,8 +104,10 @@ def eval_cmd(fsdd, digits, checkpoint, methods, folds, quick, epochs, bits, imag
         held_out = [f.strip() for f in folds.split(",") if f.strip()]
         unknown = [f for f in held_out if f not in speakers]
         if unknown:
-            raise click.BadParameter(f"{', '.join(unknown)} not among the speakers {', '.join(speakers)}", param_hint="--folds")
-    labels = {"checkpoint": f"checkpoint {Path(checkpoint).name}"} if checkpoint else {m: METHOD_LABELS[m] for m in methods}
+            raise click.BadParameter(f"{', '.join(unknown)} not among the speakers {', '.join(speakers)}",
+                                     param_hint="--folds")
+    labels = ({"checkpoint": f"checkpoint {Path(checkpoint).name}"} if checkpoint
+              else {m: METHOD_LABELS[m] for m in methods})
     per_fold: dict[str, dict[str, Any]] = {label: {} for label in labels.values()}
     train_seconds: dict[str, list[float]] = {label: [] for label in labels.values()}
     try:
@@ -121,19 +123,22 @@ def eval_cmd(fsdd, digits, checkpoint, methods, folds, quick, epochs, bits, imag
                     config = TrainConfig(objective=method, epochs=epochs, seed=seed, device=device,
                                          bits=tuple(sorted(set(bits) | {16, 32, 64, 128})))
                     result = train_model(train, config)
-                    encoder = BuiltinEncoder(result.net, f"{method}-fold-{speaker}@in-memory", bits=bits[0], device=device)
+                    encoder = BuiltinEncoder(result.net, f"{method}-fold-{speaker}@in-memory", bits=bits[0],
+                                             device=device)
                 train_seconds[label].append(time.perf_counter() - t0)
                 per_fold[label][speaker] = evaluate_encoder(encoder, sets, bits)
                 row = per_fold[label][speaker].get("audio->image", {})
-                click.echo(f"fold {speaker}: {label}: audio->image " + " ".join(f"{k}={v:.3f}" for k, v in row.items()), err=True)
+                click.echo(f"fold {speaker}: {label}: audio->image "
+                           + " ".join(f"{k}={v:.3f}" for k, v in row.items()), err=True)
     except (EncoderError, TrainingError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     columns = ["float"] + [str(b) for b in bits]
     means = {label: mean_over_folds(list(folds_.values())) for label, folds_ in per_fold.items()}
     protocol = benchmark_protocol(image_test_fraction, seed) + (
-        f" Folds: {', '.join(held_out)}." + (f" Deep methods trained per fold for {epochs} epochs, CCA in closed form." if not checkpoint else
-                                             " One fixed checkpoint for every fold: speaker-held-out only if it was "
-                                             "trained without that speaker.")
+        f" Folds: {', '.join(held_out)}."
+        + (f" Deep methods trained per fold for {epochs} epochs, CCA in closed form." if not checkpoint else
+           " One fixed checkpoint for every fold: speaker-held-out only if it was "
+           "trained without that speaker.")
     )
     click.echo(format_table(means, columns, protocol))
     report = {
@@ -155,4 +160,5 @@ def _load_checkpoint(path: str, device: str) -> BuiltinEncoder:
     from xmodal_index.encoders.builtin import read_checkpoint
 
     ckpt = read_checkpoint(path)
-    return load_builtin(EncoderConfig(checkpoint=path, dim=ckpt.model_config.dim, bits=ckpt.model_config.bits[0], device=device))
+    return load_builtin(EncoderConfig(checkpoint=path, dim=ckpt.model_config.dim, bits=ckpt.model_config.bits[0],
+                                      device=device))

@@ -54,7 +54,7 @@ def check_portable_endpoints(args: Sequence[str], runner: str = "PortableRunner"
     endpoints = portable_endpoints(args, runner)
     if not endpoints:
         return
-    import grpc  # noqa: PLC0415 (Beam's dependency; only needed here)
+    import grpc  # Beam's dependency, only needed here
 
     for flag, address in endpoints:
         channel = grpc.insecure_channel(address)

@@ -202,9 +202,9 @@ def _selection(prefix: str, since: str | None, until: str | None) -> Selection:
 @click.option("--progress-every-s", type=click.FloatRange(min=0.1), default=DEFAULT_EVERY_S,
               help="Seconds between two plain progress lines when stderr is not a terminal (nightly logs).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
-def run(source, workdir, config_path, index_name, runner, full, rebuild_index, retry_failed, force, prefix, since, until,
-        segment_s, max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region, s3_profile, progress,
-        progress_every_s, beam_args):
+def run(source, workdir, config_path, index_name, runner, full, rebuild_index, retry_failed, force, prefix, since,
+        until, segment_s, max_error_fraction, wait_for_lease, lease_ttl, summary_out, s3_endpoint_url, s3_region,
+        s3_profile, progress, progress_every_s, beam_args):
     """Index the archive at SOURCE into WORKDIR and publish a new index version.
 
     Only inputs that are new or changed (etag or size), or that were embedded by

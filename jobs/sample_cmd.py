@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from xmodal_index.pipeline.sample_archive import (
-    ArchiveExistsError,
     OWN_PATHS,
+    ArchiveExistsError,
     SampleArchiveConfig,
     SampleArchiveError,
     SampleManifest,

@@ -318,5 +318,5 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Access lines are written by _send, with the time taken."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:  # `format`: http.server's signature
         logger.debug("%s " + format, self.address_string(), *args)

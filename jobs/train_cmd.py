@@ -136,7 +136,8 @@ def train(ctx: click.Context, fsdd, digits, archive, archive_items, objective, b
         audio = load_fsdd(fsdd) if fsdd else None
         if audio is not None and holdout_speaker:
             if holdout_speaker not in set(audio.speakers.tolist()):
-                raise click.UsageError(f"--holdout-speaker {holdout_speaker!r} is not one of {sorted(set(audio.speakers.tolist()))}")
+                raise click.UsageError(
+                    f"--holdout-speaker {holdout_speaker!r} is not one of {sorted(set(audio.speakers.tolist()))}")
             audio = audio.subset(audio.speakers != holdout_speaker)
         images = load_digit_images(digits) if digits else None
         if images is not None and image_subset == "train":
@@ -145,14 +146,16 @@ def train(ctx: click.Context, fsdd, digits, archive, archive_items, objective, b
         data = TrainingSet(audio=audio, images=images, texts=bool(fsdd or digits), cooccur=cooccur)
         fingerprint = data_fingerprint(data)
         click.echo(
-            f"training {objective}: {len(audio.waves) if audio else 0} clips, {len(images.labels) if images else 0} images, "
+            f"training {objective}: {len(audio.waves) if audio else 0} clips, "
+            f"{len(images.labels) if images else 0} images, "
             f"{len(cooccur)} co-occurring segments; data fingerprint {fingerprint[:16]}", err=True
         )
         started = time.perf_counter()
 
         def progress(epoch: int, total: int, loss: float) -> None:
             elapsed = time.perf_counter() - started
-            click.echo(f"  epoch {epoch}/{total} loss {loss:.4f}  {elapsed:.0f} s, ETA {elapsed / epoch * (total - epoch):.0f} s", err=True)
+            eta_s = elapsed / epoch * (total - epoch)
+            click.echo(f"  epoch {epoch}/{total} loss {loss:.4f}  {elapsed:.0f} s, ETA {eta_s:.0f} s", err=True)
 
         result = train_model(data, config, progress=progress)
         path = write_checkpoint(

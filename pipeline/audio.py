@@ -160,7 +160,7 @@ class TorchaudioAudio(AudioTrack):
 
     def __init__(self, path: str, uri: str, rate: int) -> None:
         super().__init__(uri, rate)
-        import torchaudio  # noqa: PLC0415 (optional, heavy)
+        import torchaudio  # optional and heavy: imported where used
 
         self._ta = torchaudio
         self._path = path
@@ -192,7 +192,7 @@ def _torchaudio_importable() -> bool:
     global _torchaudio_ok
     if _torchaudio_ok is None:
         try:
-            import torchaudio  # noqa: F401, PLC0415
+            import torchaudio  # noqa: F401 - imported only to see that it imports
             _torchaudio_ok = True
         except (ImportError, OSError):
             _torchaudio_ok = False

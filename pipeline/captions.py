@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import html
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 TIMED_CAPTION_EXTS = (".vtt", ".srt")
 _SKIPPED_VTT_BLOCKS = ("WEBVTT", "NOTE", "STYLE", "REGION")

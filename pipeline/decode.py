@@ -39,7 +39,7 @@ from xmodal_index.sinks.errors import SinkError
 
 from . import captions
 from .audio import open_audio, take_audio
-from .decode_config import (  # noqa: F401 (re-exported: the names' historical home)
+from .decode_config import (  # noqa: F401 - re-exported: the names' historical home
     AUDIO_BACKENDS,
     FRAME_MODES,
     MIN_FINAL_SEGMENT_S,
@@ -60,7 +60,7 @@ from .decode_config import (  # noqa: F401 (re-exported: the names' historical h
     truncation_tolerance_s,
 )
 from .decode_video import open_frames
-from .probe import MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file  # noqa: F401 (re-exported)
+from .probe import MediaInfo, StreamInfo, check_file_size, probe, read_prefix, sniff, sniff_file  # noqa: F401 - re-exported
 from .types import Segment
 
 logger = logging.getLogger(__name__)

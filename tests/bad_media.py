@@ -22,8 +22,8 @@ import fractions
 import io
 import os
 import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import av
 import numpy as np

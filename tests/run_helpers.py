@@ -7,19 +7,17 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from click.testing import CliRunner
 
 from tests.media_factory import make_png, make_video, make_vtt, make_wav
 from xmodal_index.jobs.cli import cli
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
+from xmodal_index.sinks.index import manifest as mf
 
 # untrained seeded encoder (no checkpoint file), decoding in the Beam worker itself: fast and deterministic
 CONFIG_TOML = """
@@ -124,20 +122,3 @@ def assert_same_index(got: dict[int, tuple], want: dict[int, tuple]) -> None:
     for sid, row in want.items():
         assert got[sid][:5] == row[:5], sid
         np.testing.assert_allclose(got[sid][5], row[5], rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- shared fixtures (import them by name)
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    """A small local media archive (made by make_archive), shared by a test module."""
-    root = tmp_path_factory.mktemp("archive")
-    make_archive(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    """The job config of the run tests (write_config), shared by a test module."""
-    return write_config(tmp_path_factory.mktemp("cfg"))

@@ -27,8 +27,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pytest
 
@@ -188,12 +188,14 @@ class FaultProxy:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
 
-    def fail_next(self, n: int, status: int = 503, code: str = "SlowDown", methods: tuple[str, ...] | None = None) -> None:
+    def fail_next(self, n: int, status: int = 503, code: str = "SlowDown",
+                  methods: tuple[str, ...] | None = None) -> None:
         """Answer the next ``n`` matching requests with an S3 error."""
         with self._lock:
             self._rules.append(_Rule(remaining=n, methods=methods, status=status, code=code))
 
-    def fail_always(self, status: int = 403, code: str = "AccessDenied", methods: tuple[str, ...] | None = None) -> None:
+    def fail_always(self, status: int = 403, code: str = "AccessDenied",
+                    methods: tuple[str, ...] | None = None) -> None:
         with self._lock:
             self._rules.append(_Rule(remaining=None, methods=methods, status=status, code=code))
 

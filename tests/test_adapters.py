@@ -34,8 +34,8 @@ WORDS = "a the cat dog photo of sound seven one two three".split()
 
 def _open_clip_importable() -> bool:
     try:
-        import open_clip  # noqa: F401
-    except Exception:  # open_clip imports torchvision, which fails with RuntimeError beside some torch builds
+        import open_clip  # noqa: F401 - imported only to see that it imports
+    except Exception:  # noqa: BLE001 - open_clip imports torchvision, which fails with RuntimeError (or worse) beside some torch builds
         return False
     return True
 

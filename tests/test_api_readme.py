@@ -27,7 +27,7 @@ def test_readme_example_runs_and_prints_five_hits(tmp_path_factory):
     try:
         scope: dict = {}
         with contextlib.redirect_stdout(out):
-            exec(compile(_readme_example(), "README.md", "exec"), scope)  # noqa: S102 - the documented example
+            exec(compile(_readme_example(), "README.md", "exec"), scope)  # the documented example
     finally:
         os.chdir(cwd)
     lines = out.getvalue().strip().splitlines()

@@ -22,7 +22,8 @@ from xmodal_index.encoders.training import write_checkpoint
 def _payloads(modality: str, n: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     if modality == "audio":
-        return [(0.3 * np.sin(2 * np.pi * (200 + 50 * i) * np.arange(16000 + 800 * i) / 16000)).astype(np.float32) for i in range(n)]
+        return [(0.3 * np.sin(2 * np.pi * (200 + 50 * i) * np.arange(16000 + 800 * i) / 16000)).astype(np.float32)
+                for i in range(n)]
     if modality == "image":
         return [rng.integers(0, 256, (20 + i, 30 + 2 * i, 3), dtype=np.uint8) for i in range(n)]
     if modality == "video":

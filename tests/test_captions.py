@@ -29,7 +29,8 @@ second <b>line</b>
 continues
 """
 
-SRT = "1\r\n00:00:00,500 --> 00:00:01,250\r\n{\\an8}<i>Hello</i>\r\n\r\n2\r\n00:00:02,000 --> 00:00:03,000\r\nsecond\r\n"
+SRT = ("1\r\n00:00:00,500 --> 00:00:01,250\r\n{\\an8}<i>Hello</i>\r\n\r\n"
+       "2\r\n00:00:02,000 --> 00:00:03,000\r\nsecond\r\n")
 
 
 def text_item(path) -> MediaItem:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from xmodal_index.jobs.cli import setup_logging
 
 from tests.run_helpers import invoke, make_archive, run_args, write_config
+from xmodal_index.jobs.cli import setup_logging
 
 
 @pytest.fixture(autouse=True)

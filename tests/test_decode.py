@@ -11,8 +11,16 @@ import pytest
 
 from tests import media_factory as mf
 from xmodal_index.pipeline import audio
-from xmodal_index.pipeline.decode import (DecodeConfig, DecodeError, LimitExceededError, ProbeError,
-                                          UnsupportedMediaError, decode_item, frame_times, segment_bounds)
+from xmodal_index.pipeline.decode import (
+    DecodeConfig,
+    DecodeError,
+    LimitExceededError,
+    ProbeError,
+    UnsupportedMediaError,
+    decode_item,
+    frame_times,
+    segment_bounds,
+)
 from xmodal_index.pipeline.types import MediaItem
 
 

@@ -49,7 +49,8 @@ def test_tie_order_decides_map_deterministically():
 
 def test_hamming_distance_counts_differing_bits():
     q = np.packbits(np.array([[1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0]], np.uint8), axis=1)
-    d = np.packbits(np.array([[1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1]], np.uint8), axis=1)
+    d = np.packbits(np.array([[1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
+                              [0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1]], np.uint8), axis=1)
     assert hamming_distances(q, d).tolist() == [[0, 3]]
 
 

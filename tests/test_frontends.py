@@ -31,7 +31,10 @@ def _reference_mel(x: np.ndarray, n_fft: int = 400, hop: int = 160, n_mels: int 
     frames = np.stack([padded[i * hop : i * hop + n_fft] * window for i in range(n_frames)])
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, freqs)
     freqs = np.linspace(0, SR / 2, n_fft // 2 + 1)
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+
+    def mel(f):
+        return 2595 * np.log10(1 + f / 700)
+
     edges_mel = np.linspace(mel(0), mel(SR / 2), n_mels + 2)
     edges = 700 * (10 ** (edges_mel / 2595) - 1)
     fb = np.zeros((len(freqs), n_mels))
@@ -71,7 +74,7 @@ def test_a_tone_lights_the_band_of_its_frequency():
 def test_equal_to_torchaudio_where_it_imports():
     try:
         import torchaudio
-    except Exception as err:  # an installed but broken torchaudio (binary mismatch) is not our concern
+    except Exception as err:  # noqa: BLE001 - an installed but broken torchaudio (binary mismatch) is not our concern
         pytest.skip(f"torchaudio does not import: {err}")
     x = torch.randn(8000) * 0.1
     ref = torchaudio.transforms.MelSpectrogram(sample_rate=SR, n_fft=400, hop_length=160, n_mels=64)(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import click
+
 from xmodal_index.jobs.cli import cli
 
 

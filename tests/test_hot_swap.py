@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from tests.latest_file import write_latest_unchecked
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.embeddings_io import rows_batch
-from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle, NoServableVersionError
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.build import IndexBuildConfig, build_version
-from xmodal_index.sinks.serving.loader import IndexVersion
 from xmodal_index.sinks.schema import segment_id
+from xmodal_index.sinks.serving.hot_swap import HotSwapConfig, IndexHandle, NoServableVersionError
+from xmodal_index.sinks.serving.loader import IndexVersion
 
 DIM, BITS = 16, 32
 BUILD = IndexBuildConfig(recall_sample=20)

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+
+from tests import media_factory as mf
 from xmodal_index.pipeline.decode import (
     DecodeConfig,
     DecoderCrashedError,
@@ -23,8 +25,6 @@ from xmodal_index.pipeline.decode import (
 )
 from xmodal_index.pipeline.isolation import IsolatedDecoder
 from xmodal_index.pipeline.types import MediaItem
-
-from tests import media_factory as mf
 
 # -- run inside the worker ------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.run_helpers import archive, config, invoke, run_args, summaries, write_config  # noqa: F401 - shared module fixtures
+from tests.run_helpers import invoke, run_args, summaries
 from xmodal_index.jobs.run_job import EXIT_LEASE_HELD
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.index.manifest import list_versions, read_latest

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.embeddings_io import rows_batch
 from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index.build import IndexBuildConfig, build_version
-from xmodal_index.sinks.serving.loader import Hit, IndexVersion
 from xmodal_index.sinks.schema import segment_id
+from xmodal_index.sinks.serving.loader import Hit, IndexVersion
 
 DIM, BITS = 32, 64
 MODEL = "tiny@feedbeef"

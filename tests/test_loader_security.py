@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.sealed_index import build_small, manifest_data, rewrite_manifest, seal_latest, tree
+from tests.sealed_index import build_small, rewrite_manifest, seal_latest, tree
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
 from xmodal_index.sinks.index import manifest as mf

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tests.latest_file import write_latest_unchecked
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.errors import IndexVersionError
+from xmodal_index.sinks.index import manifest as mf
 
 
 def _manifest(version: str = "v000002", parent: str | None = "v000001") -> mf.Manifest:

@@ -14,7 +14,6 @@ import pytest
 from tests.sealed_index import DIM, build_small, seal_latest
 from xmodal_index.sinks.errors import IndexVersionError
 from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index import manifest_schema as schema
 from xmodal_index.sinks.index import seal
 from xmodal_index.sinks.serving.loader import IndexVersion, check_sealed_manifest, sealed_manifest
 

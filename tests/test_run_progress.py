@@ -9,12 +9,12 @@ import re
 import threading
 
 import pytest
-from xmodal_index.jobs import progress_display
-from xmodal_index.jobs.progress_display import ProgressSettings, Reading, run_progress
-from xmodal_index.pipeline import progress
 
 from tests.media_factory import make_video
 from tests.run_helpers import invoke_subprocess, make_archive, write_config
+from xmodal_index.jobs import progress_display
+from xmodal_index.jobs.progress_display import ProgressSettings, Reading, run_progress
+from xmodal_index.pipeline import progress
 
 LINE = re.compile(r"progress: items (\d+)/(\d+) \((\d+) failed\)  media ([\d.]+) s \(([\d.]+) media-s/s\)  "
                   r"elapsed (\d+:\d\d:\d\d)  ETA ?(\d+:\d\d:\d\d)?$")

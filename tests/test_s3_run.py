@@ -16,12 +16,11 @@ from tests.run_helpers import (
     summaries,
     upload_tree,
 )
-from tests.run_helpers import archive, config  # noqa: F401 - shared module fixtures
 from xmodal_index.jobs.run_job import live_batches
-from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks import storage
-from xmodal_index.sinks.storage import s3
+from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
+from xmodal_index.sinks.storage import s3
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +55,8 @@ def test_nightly_run_on_s3_processes_exactly_the_new_changed_and_deleted_objects
     v1 = index_contents(root)
 
     for k in range(2):
-        storage.put_file(str(make_png(tmp_path / f"new{k}.png", color=(10, 200 - 50 * k, 90))), s3_archive + f"/images/new{k}.png")
+        storage.put_file(str(make_png(tmp_path / f"new{k}.png", color=(10, 200 - 50 * k, 90))),
+                         s3_archive + f"/images/new{k}.png")
     storage.write_bytes(s3_archive + "/texts/new.txt", b"a new note")
     changed = s3_archive + "/images/img1.png"
     storage.put_file(str(make_png(tmp_path / "changed.png", color=(250, 250, 0))), changed)

@@ -57,7 +57,7 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
                 _write_wav(fsdd / f"{digit}_{speaker}_{k}.wav", x + 0.01 * rng.standard_normal(t.size))
     rows = []
     for digit in range(10):
-        for k in range(6):
+        for _ in range(6):
             img = np.zeros((8, 8))
             img[digit % 8, :] = 16
             img[:, (digit * 3 + 1) % 8] = 16 if digit >= 8 or digit % 2 else 0
@@ -95,7 +95,8 @@ def test_train_with_the_cca_objective(tmp_path, tiny_data):
 
 
 def test_train_refuses_an_unknown_holdout_speaker(tmp_path, tiny_data):
-    result = CliRunner().invoke(train, ["--fsdd", str(tiny_data[0]), "--holdout-speaker", "carol", "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(train, ["--fsdd", str(tiny_data[0]), "--holdout-speaker", "carol",
+                                        "--out", str(tmp_path / "m")])
     assert result.exit_code != 0 and "carol" in result.output
 
 
@@ -158,7 +159,8 @@ def test_eval_of_a_given_checkpoint(tmp_path, tiny_data):
 
 
 def test_eval_refuses_an_unknown_fold(tmp_path, tiny_data):
-    args = ["--fsdd", str(tiny_data[0]), "--digits", str(tiny_data[1]), "--folds", "carol", "--out", str(tmp_path / "r.json")]
+    args = ["--fsdd", str(tiny_data[0]), "--digits", str(tiny_data[1]), "--folds", "carol",
+            "--out", str(tmp_path / "r.json")]
     result = CliRunner().invoke(eval_cmd, args)
     assert result.exit_code != 0 and "carol" in result.output
 

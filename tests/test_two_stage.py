@@ -12,7 +12,6 @@ from xmodal_index.sinks.index.search import StoredVectors
 from xmodal_index.sinks.serving.loader import IndexVersion
 
 
-
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
     root = tmp_path_factory.mktemp("two-stage") / "idx"

@@ -8,7 +8,8 @@ Needs only faiss and numpy; no Beam, no torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import faiss
 import numpy as np
@@ -85,7 +86,7 @@ class StoredVectors:
         self.rows = rows
 
     @classmethod
-    def open(cls, path: str, ids: np.ndarray, rows: np.ndarray) -> "StoredVectors":
+    def open(cls, path: str, ids: np.ndarray, rows: np.ndarray) -> StoredVectors:
         try:
             vectors = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:

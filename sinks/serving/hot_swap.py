@@ -29,7 +29,8 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from ..errors import IndexVersionError, SinkError
 from ..index import manifest as mf
@@ -146,7 +147,7 @@ class IndexHandle:
 
     # ------------------------------------------------------------ lifetime
 
-    def start(self) -> "IndexHandle":
+    def start(self) -> IndexHandle:
         """Load the first version now, then follow LATEST in a background thread.
 
         With a pinned version, a version that cannot be loaded raises (IndexVersionError
@@ -174,7 +175,7 @@ class IndexHandle:
         if old is not None:
             self._retire(old)
 
-    def __enter__(self) -> "IndexHandle":
+    def __enter__(self) -> IndexHandle:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
