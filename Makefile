@@ -39,7 +39,7 @@ test: setup chromium
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# ruff over the tree, mypy over sinks/ and jobs/ ([tool.ruff], [tool.mypy] in pyproject.toml).
+# ruff over the tree, mypy over sinks/, jobs/ and query/ ([tool.ruff], [tool.mypy] in pyproject.toml).
 # mypy finds the package under its import name through links in build/lint (the editable
 # install maps the top-level folders with an import hook that type checkers cannot follow).
 LINT_TREE := build/lint/xmodal_index

@@ -10,7 +10,7 @@ favour any label. Queries with no relevant database item are left out of the mea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,7 +93,7 @@ def image_split(labels: np.ndarray, test_fraction: float = 0.5, seed: int = 0) -
     return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
 
 
-def speaker_folds(speakers: Sequence[str]) -> list[str]:
+def speaker_folds(speakers: Iterable[str]) -> list[str]:
     """Leave-one-speaker-out folds: the held-out speaker of each fold, sorted."""
     return sorted(set(str(s) for s in speakers))
 

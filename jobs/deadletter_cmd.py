@@ -11,6 +11,7 @@ characters are shown escaped, never sent to the terminal as they are.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -131,7 +132,7 @@ def _latest_run(workdir: str) -> str | None:
 def _json_row(row: dict) -> dict:
     out = {k: row.get(k) for k in ("uri", "etag", "stage", "error_type", "message", "run_id")}
     at = row.get("at")
-    out["at"] = at.isoformat() if hasattr(at, "isoformat") else at
+    out["at"] = at.isoformat() if isinstance(at, (datetime.date, datetime.time)) else at
     return out
 
 

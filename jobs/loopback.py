@@ -76,7 +76,7 @@ def install() -> bool:
     with _lock:
         for name in _MODULES:
             try:
-                module = importlib.import_module(name)
+                module: Any = importlib.import_module(name)  # its `grpc` is replaced below
             except ImportError:
                 ok = False
                 continue

@@ -147,7 +147,7 @@ def query(index_uri, index_name, version, text, audio, image, video, embedding, 
                     v = json.loads(v)
                 except ValueError as err:
                     raise click.BadParameter(f"not a JSON list of numbers: {err}", param_hint="--embedding") from err
-            todo: Any = [QueryLine("", 1, Query(m, v, start_s, end_s), None)]
+            todo = [QueryLine("", 1, Query(m, v, start_s, end_s), None)]
         else:
             todo = read_queries(queries)
         where_all = ",".join(modalities or ["all streams"])

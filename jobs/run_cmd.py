@@ -60,8 +60,8 @@ def parse_time(text: str, now: datetime.datetime | None = None) -> datetime.date
 def _beam_io_cause(err: BaseException) -> str | None:
     """Beam's file-system errors nest the real cause per path in ``exception_details``."""
     path, inner = None, None
-    while isinstance(getattr(err, "exception_details", None), dict) and err.exception_details:
-        path, cause = next(iter(err.exception_details.items()))
+    while isinstance(details := getattr(err, "exception_details", None), dict) and details:
+        path, cause = next(iter(details.items()))
         if not isinstance(cause, BaseException):
             break
         err = inner = cause
@@ -129,8 +129,8 @@ def _s3_settings(endpoint_url: str | None, region: str | None, profile: str | No
         return
     try:
         base = S3Config.from_env()
-        changes = {k: v for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile)) if v}
-        configure_s3(dataclasses.replace(base, **changes))
+        configure_s3(dataclasses.replace(base, endpoint_url=endpoint_url or base.endpoint_url,
+                                         region=region or base.region, profile=profile or base.profile))
     except ValueError as err:
         raise click.BadParameter(user_message(err), param_hint="--s3-endpoint-url/--s3-region/--s3-profile") from err
 

@@ -39,7 +39,7 @@ def tunable_param(index: Any, binary: bool) -> tuple[str, int] | None:
         if isinstance(inner, faiss.IndexBinaryHNSW):
             return "efSearch", 0
         if isinstance(inner, (faiss.IndexBinaryHash, faiss.IndexBinaryMultiHash)):
-            return "nflip", int(inner.b)
+            return "nflip", int(inner.b)  # type: ignore[attr-defined]  # faiss's stub omits IndexBinaryHash.b
         return None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -62,6 +62,8 @@ def apply_search_params(index: Any, params: Mapping[str, int], binary: bool) -> 
         return
     if name == "nprobe":
         ivf = _inner_index(index, True) if binary else faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            return
         ivf.nprobe = min(value, int(ivf.nlist))
     else:
         _inner_index(index, binary).hnsw.efSearch = value
@@ -151,7 +153,9 @@ def _candidate_params(binary_index: Any, candidates: int) -> Any:
         return None
     per_list = inner.ntotal / inner.nlist
     nprobe = min(int(inner.nlist), max(int(inner.nprobe), math.ceil(CANDIDATE_SCAN_FACTOR * candidates / per_list)))
-    return faiss.SearchParametersIVF(nprobe=nprobe)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    return params
 
 
 def two_stage_search(binary_index: Any, queries: np.ndarray, codes: np.ndarray, k: int, candidates: int,
