@@ -47,8 +47,11 @@ lint: setup
 	@mkdir -p $(LINT_TREE)
 	@for d in pipeline encoders sinks jobs query; do ln -sfn ../../../$$d $(LINT_TREE)/$$d; done
 	@for f in __init__.py __main__.py; do ln -sfn ../../../xmodal_index/$$f $(LINT_TREE)/$$f; done
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	@# both run, so one report does not hide the other; lint fails if either finds something
+	@status=0; \
+	echo "$(VENV)/bin/ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo "$(VENV)/bin/mypy"; $(VENV)/bin/mypy || status=1; \
+	exit $$status
 
 bench: setup
 	$(PY) bench/pipeline_vs_loop.py
