@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 
-from tests import run_helpers
 from tests.media_factory import make_png
 from tests.run_helpers import invoke, invoke_subprocess, make_archive, run_args, summaries
 from xmodal_index.sinks import storage
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.index import publish
 from xmodal_index.sinks.storage.lease import lease_uri
-
-config = run_helpers.config  # the shared module fixture
 
 
 def _expire_lease(workdir) -> None:

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 
-from tests import run_helpers
 from tests.run_helpers import (
     assert_same_index,
     index_contents,
@@ -22,8 +21,6 @@ from tests.run_helpers import (
 from xmodal_index.jobs.run_job import CRASH_ENV, CRASH_EXIT_CODE, live_batches
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.ledger import read_ledger
-
-archive, config = run_helpers.archive, run_helpers.config  # shared module fixtures
 
 
 @pytest.fixture(scope="module")
