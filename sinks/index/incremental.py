@@ -39,16 +39,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.embeddings_io import embedding_matrix, hash_matrix
-from xmodal_index.sinks.errors import ChecksumMismatchError
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index.config import IndexBuildError
-from xmodal_index.sinks.index.publish import publish_unfenced, reserve_version
-from xmodal_index.sinks.index.recall import RECALL_K
-from xmodal_index.sinks.index.search import apply_search_params
-from xmodal_index.sinks.index.shard import id_map_table
-from xmodal_index.sinks.index.tombstones import read_tombstones
+from .. import storage
+from ..embeddings_io import embedding_matrix, hash_matrix
+from ..errors import ChecksumMismatchError
+from . import manifest as mf
+from .config import IndexBuildError
+from .publish import publish_unfenced, reserve_version
+from .recall import RECALL_K
+from .search import apply_search_params
+from .shard import id_map_table
+from .tombstones import read_tombstones
 
 logger = logging.getLogger(__name__)
 

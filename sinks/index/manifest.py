@@ -20,12 +20,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.index import manifest_schema as schema
-from xmodal_index.sinks.index import seal
-from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError
+from .. import storage
+from ..errors import IndexVersionError, ObjectNotFoundError
+from . import manifest_schema as schema
+from . import seal
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class FileEntry:
     origin: str = ""  # incremental versions: the older version whose directory holds the file ("" = this one)
 
     @classmethod
-    def of_local(cls, path: str, name: str) -> "FileEntry":
+    def of_local(cls, path: str, name: str) -> FileEntry:
         return cls(file=name, sha256=sha256_file(path), bytes=os.path.getsize(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,7 +287,7 @@ class Manifest:
         return canonical_json(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> Manifest:
         """A Manifest from its JSON object, after the strict schema check (manifest_schema)."""
         schema.check_manifest(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -318,7 +319,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str = "manifest") -> "Manifest":
+    def from_json(cls, text: str | bytes, source: str = "manifest") -> Manifest:
         """Parse strictly (no duplicate keys, NaN or deep nesting), then check the schema."""
         data = schema.parse_json(text, source)
         if not isinstance(data, dict):
@@ -403,5 +404,6 @@ def write_manifest(index_root: str, manifest: Manifest) -> str:
     Manifest.from_json(data, source=f"the manifest of {manifest.version} being written")  # the schema readers apply
     storage.write_bytes(uri, data)
     digest = seal.manifest_digest(data)
-    seal.write_seal(index_root, manifest.version, digest, seal.sign(manifest.version, digest, seal.signing_key_from_env()))
+    signature = seal.sign(manifest.version, digest, seal.signing_key_from_env())
+    seal.write_seal(index_root, manifest.version, digest, signature)
     return uri

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from xmodal_index.sinks.errors import IndexVersionError
-from xmodal_index.sinks.index.seal import LATEST_NAME, SEAL_NAME, VERSION_PATTERN, sanitise
-from xmodal_index.sinks.schema import MODALITIES
+from ..errors import IndexVersionError
+from ..schema import MODALITIES
+from .seal import LATEST_NAME, SEAL_NAME, VERSION_PATTERN, sanitise
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ MAX_TEXT_CHARS = 1_024  # model_id, factory strings, created_at
 MAX_NESTING = 32
 RESERVED_NAMES = (MANIFEST_NAME, SEAL_NAME, LATEST_NAME)
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,%d}" % (MAX_FILE_NAME_CHARS - 1))
+_NAME_RE = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_FILE_NAME_CHARS - 1}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _VERSION_RE = re.compile(VERSION_PATTERN)
 _CREATED_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")

@@ -41,14 +41,14 @@ import shutil
 import stat
 import tempfile
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError, ObjectNotFoundError
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index.manifest_schema import plain_file_name
-from xmodal_index.sinks.index.seal import VERSION_PATTERN
-from xmodal_index.sinks.serving import verified
+from .. import storage
+from ..errors import ChecksumMismatchError, IndexVersionError, ObjectNotFoundError
+from ..index import manifest as mf
+from ..index.manifest_schema import plain_file_name
+from ..index.seal import VERSION_PATTERN
+from . import verified
 
 logger = logging.getLogger(__name__)
 

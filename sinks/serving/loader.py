@@ -29,22 +29,27 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xmodal_index.sinks.index import manifest as mf
-from xmodal_index.sinks.index import seal, tombstones
-from xmodal_index.sinks import storage
-from xmodal_index.sinks.serving import cache
-from xmodal_index.sinks.errors import ChecksumMismatchError, IndexVersionError
-from xmodal_index.sinks.schema import MODALITIES
-from xmodal_index.sinks.index.search import (
-    RERANK_PARAM, StoredVectors, apply_search_params, rerank_search, two_stage_search,
+from .. import storage
+from ..errors import ChecksumMismatchError, IndexVersionError
+from ..index import manifest as mf
+from ..index import seal, tombstones
+from ..index.search import (
+    RERANK_PARAM,
+    StoredVectors,
+    apply_search_params,
+    rerank_search,
+    two_stage_search,
 )
+from ..schema import MODALITIES
+from . import cache
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +191,7 @@ class IndexVersion:
 
     @classmethod
     def open(cls, index_root: str, version: str | None = None, cache_dir: str | None = None, *,
-             latest: seal.LatestRecord | None = None, keep_versions: int | None = None) -> "IndexVersion":
+             latest: seal.LatestRecord | None = None, keep_versions: int | None = None) -> IndexVersion:
         """Load ``version`` (default: the one LATEST names) after verifying every file.
 
         The manifest is checked first (see :func:`sealed_manifest`); then every listed
@@ -242,7 +247,7 @@ class IndexVersion:
 
     @staticmethod
     def _read_id_maps(local_dir: str, manifest: mf.Manifest, paths: dict[str, str] | None = None
-                      ) -> dict[str, "_IdMap"]:
+                      ) -> dict[str, _IdMap]:
         version = manifest.version
         vectors_of = {s.id_map: s.vectors for s in manifest.shards if s.vectors}
         id_maps = {}
@@ -285,9 +290,10 @@ class IndexVersion:
         if index.d != want_d or index.ntotal != entry.ntotal:
             raise IndexVersionError(f"version {manifest.version}: shard {entry.file!r} holds {index.ntotal} vectors "
                                     f"of dimension {index.d}, the manifest says {entry.ntotal} of {want_d}")
-        if not binary and index.metric_type != _FAISS_METRICS[manifest.metric]:
+        metric_type = None if binary else getattr(index, "metric_type", None)  # binary indexes are Hamming
+        if not binary and metric_type != _FAISS_METRICS[manifest.metric]:
             raise IndexVersionError(f"version {manifest.version}: shard {entry.file!r} has faiss metric "
-                                    f"{index.metric_type}, the manifest says {manifest.metric!r}")
+                                    f"{metric_type}, the manifest says {manifest.metric!r}")
         apply_search_params(index, entry.search_params or manifest.search_params, binary)
         return index
 
@@ -375,6 +381,8 @@ class IndexVersion:
 
         def fn(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
             vectors = self._id_maps[shard.entry.id_map].vectors
+            if vectors is None:  # checked above for every selected shard
+                raise IndexVersionError(f"version {self.version} keeps no float vectors for {shard.entry.id_map!r}")
             extra = self._extra(shard)
             return two_stage_search(shard.index, queries, codes, k + extra, candidates + extra, vectors)
 
@@ -463,7 +471,7 @@ class IndexVersion:
             self._held = False
             cache.release(self.local_dir)
 
-    def __enter__(self) -> "IndexVersion":
+    def __enter__(self) -> IndexVersion:
         return self
 
     def __exit__(self, *exc: object) -> None:
