@@ -13,6 +13,7 @@ import click
 
 from xmodal_index.sinks.storage import S3Config, configure_s3
 from xmodal_index.sinks.storage.lease import LeaseConfig, LeaseHeldError
+from xmodal_index.sinks.workdir import Workdir
 
 from . import loopback
 from .beam_args import BeamArgsError, check_beam_args
@@ -112,7 +113,7 @@ def print_summary(s: RunSummary) -> None:
                f"version {s.index_version or '-'}: {s.index_note}")
     if s.gate:
         click.echo(f"  gate     {s.gate}")
-    click.echo(f"  summary  {s.workdir.rstrip('/')}/runs/{s.run_id}/summary.json")
+    click.echo(f"  summary  {Workdir(s.workdir).summary(s.run_id)}")
     if s.deadletters:
         click.echo(f"  dead letters: {s.deadletters}/  (xmodal-index deadletter --workdir {s.workdir})")
         try:
