@@ -1,44 +1,32 @@
-"""Queries arriving over HTTP: parse and validate a request body, run it on a served version.
+"""Queries arriving over HTTP: multipart uploads, shared request checks, the encoder hook.
 
-A request is JSON (``{"text": ..., "k": ..., "modality": [...]}``) or
-multipart/form-data with one field among text/audio/image/video (media as file
-uploads) plus optional ``k`` and ``modality`` fields. Bad requests raise
-:class:`RequestError` carrying the HTTP status and a one-line message. Decoding,
+JSON bodies are parsed by ``serve_request``; multipart/form-data bodies (one field among
+text/audio/image/video, media as file uploads, plus optional ``k`` and ``modality``)
+here. Bad requests raise :class:`RequestError` carrying the HTTP status and a one-line
+message; uploads are decoded in the isolated workers of ``serve_media``. Decoding,
 encoding, searching, fusing several streams and hit fields are the query core's
 (``xmodal_index.query``), so the CLI, the Python API and the service answer alike.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import email.message
 import email.parser
-import json
 import logging
-import os
-import tempfile
 from typing import Any
 
-import numpy as np
-
-from xmodal_index.query.core import QueryIndex
 from xmodal_index.query.encoder import load_query_encoder
-from xmodal_index.query.errors import BadQueryError, QueryError
-from xmodal_index.query.hits import hit_json  # noqa: F401 - re-exported for the service
-from xmodal_index.query.media import decode_query_media
-from xmodal_index.query.request import QUERY_KEYS, Query, check_text
+from xmodal_index.query.errors import BadQueryError
+from xmodal_index.query.request import QUERY_KEYS, check_text
 from xmodal_index.sinks.schema import MODALITIES
 from xmodal_index.sinks.serving.hot_swap import Served
 from xmodal_index.sinks.serving.loader import IndexVersion
 
 logger = logging.getLogger(__name__)
 
-MEDIA_KEYS = tuple(k for k in QUERY_KEYS if k != "text")
 FORM_FIELDS = (*QUERY_KEYS, "k", "modality")
-JSON_KEYS = ("text", "k", "modality")
 DEFAULT_K = 10
-_MAX_MESSAGE = 300
 
 
 class RequestError(Exception):
@@ -62,38 +50,6 @@ class QueryRequest:
 
 
 # ---------------------------------------------------------------- parsing
-
-
-def parse_request(body: bytes, content_type: str, *, max_k: int, default_k: int = DEFAULT_K) -> QueryRequest:
-    """Dispatch on the Content-Type: application/json or multipart/form-data (415 otherwise)."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == "application/json":
-        return parse_json_request(body, max_k=max_k, default_k=default_k)
-    if media_type == "multipart/form-data":
-        return parse_multipart_request(body, content_type, max_k=max_k, default_k=default_k)
-    raise RequestError(415, f"Content-Type {media_type or '(none)'!r} is not supported: "
-                            "send application/json or multipart/form-data")
-
-
-def parse_json_request(body: bytes, *, max_k: int, default_k: int = DEFAULT_K) -> QueryRequest:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise RequestError(400, f"the body is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise RequestError(400, f"the body must be a JSON object, not {type(data).__name__}")
-    media = [key for key in MEDIA_KEYS if key in data]
-    if media:
-        raise RequestError(400, f"{media[0]} queries are file uploads: send multipart/form-data with a file "
-                                f"field named {media[0]!r}")
-    unknown = sorted(set(data) - set(JSON_KEYS))
-    if unknown:
-        raise RequestError(400, f"unknown keys {unknown}: a JSON query takes {', '.join(JSON_KEYS)}")
-    if "text" not in data:
-        raise RequestError(400, f"the query needs exactly one of {', '.join(QUERY_KEYS)}; got none")
-    text = _check_text(data["text"])
-    return QueryRequest(modality="text", text=text, k=_parse_k(data.get("k"), max_k, default_k),
-                        search=_parse_modalities(data.get("modality")))
 
 
 def parse_multipart_request(body: bytes, content_type: str, *, max_k: int,
@@ -205,7 +161,7 @@ def _parse_modalities(value: Any) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(items))
 
 
-# ---------------------------------------------------------------- running
+# ---------------------------------------------------------------- the encoder hook
 
 
 def prepare_encoder(index: IndexVersion, current: Served | None) -> Any:
@@ -213,48 +169,3 @@ def prepare_encoder(index: IndexVersion, current: Served | None) -> Any:
     if current is not None and current.extra is not None and current.manifest.model_id == index.manifest.model_id:
         return current.extra
     return load_query_encoder(index)
-
-
-def run_query(request: QueryRequest, served: Served) -> dict[str, Any]:
-    """Embed the query with the served version's encoder and search that version."""
-    encoder = served.extra
-    if request.modality not in encoder.modalities:
-        raise RequestError(422, f"the encoder of {served.version} cannot embed {request.modality} queries "
-                                f"(it takes {', '.join(encoder.modalities)})")
-    core = QueryIndex(served.index, encoder)
-    if request.modality == "text":
-        query = Query("text", request.text)
-        hits = core.run(query, k=request.k, modalities=request.search)
-    else:
-        # The upload is decoded here; the core searches its embedding.
-        vec = encoder.encode(request.modality, [_decode_upload(request)]).embeddings
-        hits = core.run(Query("embedding", np.asarray(vec[0], dtype=np.float32)), k=request.k,
-                        modalities=request.search)
-    return {"version": served.version, "hits": [h.to_json() for h in hits]}
-
-
-def _decode_upload(request: QueryRequest) -> Any:
-    """Decode uploaded media through a temporary file that is always deleted."""
-    name = request.filename
-    fd, path = tempfile.mkstemp(prefix="xmodal-query-", suffix=_safe_suffix(name))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(request.data or b"")
-        try:
-            return decode_query_media(request.modality, path)
-        except QueryError as err:
-            raise RequestError(400, f"the uploaded {request.modality} {name!r} has no {request.modality} "
-                                    "stream") from err
-        except Exception as err:
-            reason = str(err).replace(path, name).splitlines()[0] if str(err) else type(err).__name__
-            raise RequestError(400, f"cannot decode the uploaded {request.modality} {name!r}: "
-                                    f"{reason[:_MAX_MESSAGE]}") from err
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _safe_suffix(filename: str) -> str:
-    """The upload's extension when it is short and plain (decoders may use it as a hint)."""
-    ext = os.path.splitext(os.path.basename(filename))[1]
-    return ext if 1 < len(ext) <= 8 and ext[1:].isalnum() else ""
