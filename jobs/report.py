@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from xmodal_index.pipeline.types import kind_of
 from xmodal_index.sinks import storage
+from xmodal_index.sinks import workdir as workdir_layout
 from xmodal_index.sinks.errors import IndexVersionError, ObjectNotFoundError, SinkError
 from xmodal_index.sinks.index import manifest as mf
 from xmodal_index.sinks.workdir import Workdir
@@ -40,8 +41,8 @@ from .report_timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
-JOB_CONFIG_NAME = "job-config.json"  # the run's job config alone, for the --retry-failed command
+REPORT_NAME = workdir_layout.REPORT
+JOB_CONFIG_NAME = workdir_layout.JOB_CONFIG  # the run's job config alone, for the --retry-failed command
 THROUGHPUT_BINS = 30
 SAMPLES_AUTO_MAX_BYTES = 2 << 30
 
@@ -313,7 +314,7 @@ def gather(workdir: str, run_id: str | None = None) -> ReportData:
     if manifest is not None and (manifest.metrics or {}).get("run_id") == run_id:
         version_mtime = _mtime(mf.manifest_uri(index_root, manifest.version))
     part_times = [o.mtime for o in outcome_parts + dead_parts + emb_parts]
-    local_config = None if storage.is_s3(wd.uri) else storage.join(wd.run_dir(run_id), JOB_CONFIG_NAME)
+    local_config = None if storage.is_s3(wd.uri) else wd.job_config(run_id)
     return ReportData(
         run_id=run_id,
         workdir=wd.uri,
@@ -353,11 +354,9 @@ def write_report(
         data.samples_note = "sample queries not run (--no-samples)"
     else:
         add_samples(data)
-    run_dir = Workdir(data.workdir).run_dir(data.run_id)
+    wd = Workdir(data.workdir)
     if data.retry_command and job_config(data.config):
-        storage.write_bytes(
-            storage.join(run_dir, JOB_CONFIG_NAME), json.dumps(job_config(data.config), indent=2).encode()
-        )
-    target = out or storage.join(run_dir, REPORT_NAME)
+        storage.write_bytes(wd.job_config(data.run_id), json.dumps(job_config(data.config), indent=2).encode())
+    target = out or wd.report(data.run_id)
     storage.write_bytes(target, render(data).encode("utf-8"))
     return target

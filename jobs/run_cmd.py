@@ -114,6 +114,7 @@ def print_summary(s: RunSummary) -> None:
     if s.gate:
         click.echo(f"  gate     {s.gate}")
     click.echo(f"  summary  {Workdir(s.workdir).summary(s.run_id)}")
+    click.echo(f"  report   {Workdir(s.workdir).report(s.run_id)}  (xmodal-index report --workdir {s.workdir} --open)")
     if s.deadletters:
         click.echo(f"  dead letters: {s.deadletters}/  (xmodal-index deadletter --workdir {s.workdir})")
         try:

@@ -40,6 +40,8 @@ RUN_CONFIG = "config.json"
 WORKLIST = "worklist.jsonl"
 OUTCOMES = "outcomes"
 STAGED_ENCODER = "encoder"
+REPORT = "report.html"
+JOB_CONFIG = "job-config.json"  # the run's job config alone, for the report's --retry-failed command
 DEFAULT_INDEX_NAME = "main"
 
 _NAME = re.compile(r"[^/\\\x00]+")
@@ -108,6 +110,14 @@ class Workdir:
     def run_config(self, run_id: str) -> str:
         """The resolved config a run wrote beside its outputs."""
         return storage.join(self.run_dir(run_id), RUN_CONFIG)
+
+    def report(self, run_id: str) -> str:
+        """The run's self-contained HTML report."""
+        return storage.join(self.run_dir(run_id), REPORT)
+
+    def job_config(self, run_id: str) -> str:
+        """The run's job config alone, which the report's --retry-failed command reads."""
+        return storage.join(self.run_dir(run_id), JOB_CONFIG)
 
     def worklist(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), WORKLIST)
