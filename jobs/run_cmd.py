@@ -109,7 +109,7 @@ def print_summary(s: RunSummary) -> None:
         click.echo("  failures by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(s.failed_by_stage.items())))
     click.echo(f"  segments {s.segments:>7}  rows written {s.rows_written}")
     click.echo(f"  model    {s.model_id}")
-    click.echo(f"  index    {s.workdir.rstrip('/')}/indexes/{s.index_name}  "
+    click.echo(f"  index    {Workdir(s.workdir).index_root(s.index_name)}  "
                f"version {s.index_version or '-'}: {s.index_note}")
     if s.gate:
         click.echo(f"  gate     {s.gate}")
