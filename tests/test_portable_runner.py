@@ -27,28 +27,14 @@ from tests.run_helpers import (
     assert_same_index,
     index_contents,
     invoke,
-    make_archive,
     run_args,
     upload_tree,
-    write_config,
 )
 from xmodal_index.encoders.builtin import bundled_checkpoint_path, load_builtin
 from xmodal_index.encoders.config import EncoderConfig
 from xmodal_index.sinks import storage
 
 PORTABLE_TIMEOUT_S = 600  # a job the workers never pick up fails the test instead of hanging it
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("archive")
-    make_archive(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("cfg"))
 
 
 @pytest.fixture(scope="module")
